@@ -1,0 +1,1 @@
+"""difftune.dashboard: the Streamlit app over the store's API."""

@@ -1,0 +1,39 @@
+"""difftune's acceleration runtime: what a profile applies to a diffusers pipeline.
+
+One file per technique (``solver``, ``cache``, …); each config is a frozen dataclass that
+round-trips through JSON and whose ``apply(pipe)`` returns a handle that undoes it exactly.
+"""
+
+from difftune.accel._hooks import CompositeHandle, Handle
+from difftune.accel._registry import config_from_dict, register_technique, techniques
+from difftune.accel.cache import POLICIES, CacheMaskConfig, CachePolicy, FORAConfig, apply_cache_schedule
+from difftune.accel.deepcache import DeepCacheConfig
+from difftune.accel.delta_dit import DeltaDiTConfig
+from difftune.accel.first_block_cache import FirstBlockCacheConfig
+from difftune.accel.flops import ComponentFlops, component_flops, count_flops
+from difftune.accel.solver import SolverSchedule, SolverStep, USFScheduler, dynamic_compensation
+from difftune.accel.taylorseer import TaylorSeerConfig
+
+__all__ = [
+    "POLICIES",
+    "CacheMaskConfig",
+    "CachePolicy",
+    "ComponentFlops",
+    "CompositeHandle",
+    "DeepCacheConfig",
+    "DeltaDiTConfig",
+    "FORAConfig",
+    "FirstBlockCacheConfig",
+    "Handle",
+    "SolverSchedule",
+    "SolverStep",
+    "TaylorSeerConfig",
+    "USFScheduler",
+    "apply_cache_schedule",
+    "component_flops",
+    "config_from_dict",
+    "count_flops",
+    "dynamic_compensation",
+    "register_technique",
+    "techniques",
+]

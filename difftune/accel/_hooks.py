@@ -1,0 +1,183 @@
+"""Reversible forward wrapping and step tracking shared by the acceleration techniques.
+
+A technique wraps a module's ``forward`` through :func:`wrap_forward`; the returned handle puts the
+module back exactly as it was (the instance attribute is deleted, or the previous wrapper restored).
+:class:`StepTracker` tells every hook which sampling step and which denoiser call of that step is
+running, so that caches of the conditional and unconditional passes never mix.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["CompositeHandle", "Handle", "StepTracker", "wrap_forward"]
+
+_MISSING = object()
+
+
+class Handle:
+    """Undoes one change. ``remove()`` is idempotent."""
+
+    def __init__(self, undo: Callable[[], None]):
+        self._undo: Callable[[], None] | None = undo
+
+    @property
+    def active(self) -> bool:
+        return self._undo is not None
+
+    def remove(self) -> None:
+        undo, self._undo = self._undo, None
+        if undo is not None:
+            undo()
+
+
+class CompositeHandle(Handle):
+    """Several handles undone in reverse order of application."""
+
+    def __init__(self, handles: list[Handle] | None = None):
+        self.handles: list[Handle] = list(handles or [])
+        super().__init__(self._undo_all)
+
+    def add(self, handle: Handle) -> Handle:
+        self.handles.append(handle)
+        return handle
+
+    def _undo_all(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+
+def wrap_forward(module: torch.nn.Module, wrapper: Callable[..., Any]) -> Handle:
+    """Route ``module(...)`` through ``wrapper(forward, *args, **kwargs)``; the handle restores it.
+
+    ``forward`` is whatever the module called before (its own method or an earlier wrapper), so
+    wrappers stack; remove them in reverse order (a :class:`CompositeHandle` does).
+    """
+    previous = module.__dict__.get("forward", _MISSING)
+    inner = module.forward
+
+    # functools.wraps keeps inspect.signature(module.forward) truthful: pipelines inspect it.
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return wrapper(inner, *args, **kwargs)
+
+    module.forward = forward  # type: ignore[method-assign]
+
+    def undo() -> None:
+        if module.__dict__.get("forward") is not forward:
+            raise RuntimeError(f"{type(module).__name__}.forward was re-wrapped after this hook; remove hooks in order")
+        if previous is _MISSING:
+            del module.__dict__["forward"]
+        else:
+            module.forward = previous  # type: ignore[method-assign]
+
+    return Handle(undo)
+
+
+def _timestep_value(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.reshape(-1)[0].item()) if value.numel() else math.nan
+    return float(value)
+
+
+class StepTracker:
+    """Counts sampling steps and the denoiser calls within each step.
+
+    A step ends when the timestep given to the denoiser changes; a second call with the same
+    timestep (pipelines that run the unconditional pass separately) is call 1 of the same step. A
+    new sampling run starts when the pipeline calls its scheduler's ``set_timesteps`` or the
+    timestep goes up again; every listener's ``reset()`` then runs.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, scheduler: Any = None):
+        self.denoiser = denoiser
+        self.step = -1
+        self.call = 0
+        self.num_steps: int | None = None
+        self._last_t: float | None = None
+        self._fresh = True
+        self._listeners: list[Any] = []
+        self._t_index, self._t_name = self._find_timestep_argument(denoiser)
+        self._scheduler = scheduler
+        self.handle = CompositeHandle([wrap_forward(denoiser, self._on_forward)])
+        if scheduler is not None and hasattr(scheduler, "set_timesteps"):
+            self.handle.add(self._wrap_set_timesteps(scheduler))
+
+    @staticmethod
+    def _find_timestep_argument(denoiser: torch.nn.Module) -> tuple[int | None, str]:
+        params = list(inspect.signature(denoiser.forward).parameters)
+        name = "timestep" if "timestep" in params else ("t" if "t" in params else "timestep")
+        return (params.index(name) if name in params else None), name
+
+    def _wrap_set_timesteps(self, scheduler: Any) -> Handle:
+        previous = scheduler.__dict__.get("set_timesteps", _MISSING)
+        inner = scheduler.set_timesteps
+
+        @functools.wraps(inner)
+        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+            out = inner(*args, **kwargs)
+            self.start_run(len(scheduler.timesteps))
+            return out
+
+        scheduler.set_timesteps = set_timesteps
+
+        def undo() -> None:
+            if previous is _MISSING:
+                scheduler.__dict__.pop("set_timesteps", None)
+            else:
+                scheduler.set_timesteps = previous
+
+        return Handle(undo)
+
+    def add_listener(self, listener: Any) -> None:
+        """``listener.reset()`` runs at the start of every sampling run, and ``listener.on_call(tracker)``
+        (where defined) before every denoiser call, once the step and call indices are updated."""
+        self._listeners.append(listener)
+
+    def start_run(self, num_steps: int | None = None) -> None:
+        self.num_steps = num_steps
+        self._fresh = True
+        self._last_t = None
+        self.step = -1
+        self.call = 0
+        for listener in self._listeners:
+            listener.reset()
+
+    def _timestep(self, args: tuple, kwargs: dict) -> float:
+        if self._t_name in kwargs:
+            return _timestep_value(kwargs[self._t_name])
+        if self._t_index is not None and self._t_index < len(args):
+            return _timestep_value(args[self._t_index])
+        return math.nan
+
+    def _on_forward(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        t = self._timestep(args, kwargs)
+        last = self._last_t
+        if self._fresh or last is None:
+            if not self._fresh:
+                self.start_run(None)
+            self._fresh = False
+            self.step, self.call = 0, 0
+        elif t == last or (math.isnan(t) and math.isnan(last)):
+            self.call += 1
+        elif t < last or math.isnan(t):
+            self.step, self.call = self.step + 1, 0
+        else:  # the timestep went up: a new sampling run without set_timesteps
+            self.start_run(None)
+            self._fresh = False
+            self.step, self.call = 0, 0
+        self._last_t = t
+        for listener in self._listeners:
+            on_call = getattr(listener, "on_call", None)
+            if on_call is not None:
+                on_call(self)
+        return forward(*args, **kwargs)
+
+    def remove(self) -> None:
+        self.handle.remove()

@@ -1,0 +1,277 @@
+"""Cache schedules: reuse a component's output from an earlier step instead of recomputing it.
+
+A static schedule is a mask ``steps × blocks × components`` (1 = recompute, 0 = reuse that
+component's cached output); ECAD, BAC and HarmoniCa all produce this form, and the hand-made
+static policies (FORA) decode to it. The cached value is the component module's own output, i.e.
+before the block's gating and residual add, so the residual stream stays fresh.
+
+Reuse is per denoiser call of a step: a pipeline that runs the conditional and unconditional passes
+in one batch caches both halves together; one that runs them as two calls gets two caches.
+
+    >>> import difftune, numpy as np
+    >>> pipe = difftune.load_pipeline("embedded")
+    >>> info = difftune.describe(pipe)
+    >>> mask = np.ones(info.mask_shape(20), dtype=bool); mask[1::2] = False   # recompute every other step
+    >>> handle = apply_cache_schedule(pipe, CacheMaskConfig.from_array(info.components, mask))
+    >>> images = pipe(prompt="digit 3", num_inference_steps=20).images
+    >>> handle.remove()
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from difftune.accel._fields import as_int, as_str, check_keys, require
+from difftune.accel._hooks import CompositeHandle, Handle, StepTracker, wrap_forward
+from difftune.accel._registry import register_technique
+from difftune.errors import ProfileError
+
+__all__ = ["POLICIES", "CacheMaskConfig", "CachePolicy", "FORAConfig", "apply_cache_schedule", "register_policy"]
+
+
+def _batch_of(args: tuple, kwargs: dict) -> int:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return -1
+
+
+class _ComponentCache:
+    """Wraps one component module: recompute where its mask row says 1, else return the cached output."""
+
+    def __init__(self, tracker: StepTracker, rows: np.ndarray):
+        self.tracker = tracker
+        self.rows = rows  # bool, one per step
+        # Store an output only if some later step reuses it.
+        reuse_later = np.logical_not(rows)[::-1].cumsum()[::-1]
+        self.keep = np.append(reuse_later[1:], 0) > 0
+        self.store: dict[int, tuple[int, Any]] = {}
+
+    def reset(self) -> None:
+        self.store.clear()
+
+    def __call__(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        step, call = self.tracker.step, self.tracker.call
+        inside = 0 <= step < len(self.rows)
+        if inside and not self.rows[step]:
+            hit = self.store.get(call)
+            if hit is not None and hit[0] == _batch_of(args, kwargs):
+                return hit[1]
+        out = forward(*args, **kwargs)
+        if inside and self.keep[step]:
+            self.store[call] = (_batch_of(args, kwargs), out)
+        return out
+
+
+class _StepCountCheck:
+    """Fails (strict) or warns once when the pipeline runs another number of steps than the schedule has."""
+
+    def __init__(self, steps: int, strict: bool, what: str):
+        self.steps, self.strict, self.what = steps, strict, what
+        self.warned = False
+
+    def _mismatch(self, ran: str) -> None:
+        message = (
+            f"this profile's {self.what} was tuned for {self.steps} steps but the pipeline {ran}: call it with "
+            f"num_inference_steps={self.steps} (the profile's context), or apply the profile with strict=False"
+        )
+        if self.strict:
+            raise ProfileError(message)
+        if not self.warned:
+            warnings.warn(message + "; steps outside the schedule recompute everything", stacklevel=4)
+            self.warned = True
+
+    def reset(self) -> None:
+        pass
+
+    def on_call(self, tracker: StepTracker) -> None:
+        if tracker.step == 0 and tracker.call == 0 and tracker.num_steps not in (None, self.steps):
+            self._mismatch(f"set {tracker.num_steps} timesteps")
+        elif tracker.step >= self.steps:
+            self._mismatch(f"is running step {tracker.step + 1}")
+
+
+def _resolve(pipe: Any) -> tuple[Any, torch.nn.Module]:
+    from difftune.models import describe
+
+    info = describe(pipe)
+    return info, getattr(pipe, info.denoiser)
+
+
+@register_technique("cache", "mask")
+@dataclass(frozen=True)
+class CacheMaskConfig:
+    """A static cache schedule: ``mask[step][block][component]``, 1 = recompute, 0 = reuse.
+
+    Each 0 saves that component's FLOPs at that step and costs the error of a stale feature; step 0
+    always computes (there is nothing cached yet). An all-ones mask leaves the output bit-identical.
+    ``components`` must equal :func:`difftune.describe`'s slots for the model it is applied to.
+    """
+
+    components: tuple[str, ...]
+    mask: tuple[tuple[tuple[int, ...], ...], ...]
+    section: ClassVar[str]
+    kind: ClassVar[str]
+
+    @classmethod
+    def from_array(cls, components: tuple[str, ...] | list[str], mask: Any) -> CacheMaskConfig:
+        array = np.asarray(mask)
+        if array.ndim != 3 or array.shape[2] != len(components):
+            raise ProfileError(
+                f"cache.mask: expected steps × blocks × {len(components)} components, got shape {array.shape}"
+            )
+        rows = tuple(tuple(tuple(int(bool(v)) for v in comp) for comp in block) for block in array)
+        return cls(components=tuple(components), mask=rows)
+
+    @property
+    def array(self) -> np.ndarray:
+        return np.asarray(self.mask, dtype=bool).reshape(len(self.mask), -1, len(self.components))
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.mask)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "mask", "components": list(self.components), "mask": [[list(c) for c in b] for b in self.mask]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CacheMaskConfig:
+        check_keys(data, {"kind", "components", "mask"}, "cache")
+        components = require(data, "components", "cache")
+        if not isinstance(components, list) or not components or not all(isinstance(c, str) for c in components):
+            raise ProfileError(f"cache.components: expected a non-empty list of names, got {components!r}")
+        mask = require(data, "mask", "cache")
+        if not isinstance(mask, list) or not mask:
+            raise ProfileError("cache.mask: expected a non-empty list (one matrix per step)")
+        width = None
+        for s, step in enumerate(mask):
+            if not isinstance(step, list) or not step:
+                raise ProfileError(f"cache.mask[{s}]: expected a list of blocks")
+            width = width or len(step)
+            if len(step) != width:
+                raise ProfileError(f"cache.mask[{s}]: has {len(step)} blocks, step 0 has {width}")
+            for b, row in enumerate(step):
+                if not isinstance(row, list) or len(row) != len(components) or any(v not in (0, 1) for v in row):
+                    raise ProfileError(
+                        f"cache.mask[{s}][{b}]: expected {len(components)} values of 0 or 1, got {row!r}"
+                    )
+        return cls.from_array(components, mask)
+
+    def apply(self, pipe: Any, *, strict: bool = True) -> Handle:
+        return apply_cache_schedule(pipe, self, strict=strict)
+
+
+def apply_cache_schedule(pipe: Any, config: CacheMaskConfig | CachePolicy, *, strict: bool = True) -> Handle:
+    """Install a cache schedule on ``pipe``'s denoiser; ``handle.remove()`` restores it exactly."""
+    info, denoiser = _resolve(pipe)
+    if not isinstance(config, CacheMaskConfig):
+        return config.apply(pipe, strict=strict)
+    if tuple(config.components) != tuple(info.components):
+        raise ProfileError(
+            f"cache.components {list(config.components)} do not match this {info.family} model's slots "
+            f"{list(info.components)}"
+        )
+    array = config.array
+    if array.shape[1] != len(info.blocks):
+        raise ProfileError(f"cache.mask has {array.shape[1]} blocks but this model has {len(info.blocks)}")
+    tracker = StepTracker(denoiser, getattr(pipe, "scheduler", None))
+    handle = CompositeHandle([Handle(tracker.remove)])
+    tracker.add_listener(_StepCountCheck(array.shape[0], strict, "cache mask"))
+    for b, block in enumerate(info.block_info):
+        for k, paths in enumerate(block.components):
+            rows = array[:, b, k]
+            if rows.all():
+                continue
+            for path in paths:
+                cache = _ComponentCache(tracker, rows)
+                tracker.add_listener(cache)
+                handle.add(wrap_forward(denoiser.get_submodule(path), cache))
+    return handle
+
+
+# --- named policies ------------------------------------------------------------------------------
+
+POLICIES: dict[str, type[CachePolicy]] = {}
+_MAX_STEPS = 10_000
+
+
+def register_policy(name: str) -> Callable[[type[CachePolicy]], type[CachePolicy]]:
+    """Class decorator: a cache policy serialised as ``{"kind": "policy", "policy": name, ...}``."""
+
+    def decorate(cls: type[CachePolicy]) -> type[CachePolicy]:
+        POLICIES[name] = cls
+        cls.policy = name  # type: ignore[attr-defined]
+        return cls
+
+    return decorate
+
+
+@register_technique("cache", "policy")
+class CachePolicy:
+    """Base of the named hand-made policies; ``from_dict`` dispatches on ``"policy"``."""
+
+    policy: ClassVar[str]
+    section: ClassVar[str]
+    kind: ClassVar[str]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CachePolicy:
+        name = as_str(require(data, "policy", "cache"), "cache.policy")
+        if name not in POLICIES:
+            raise ProfileError(f"cache.policy: unknown policy {name!r}; known policies: {', '.join(sorted(POLICIES))}")
+        return POLICIES[name]._from_fields(data)
+
+    @classmethod
+    def _from_fields(cls, data: Mapping[str, Any]) -> CachePolicy:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def apply(self, pipe: Any, *, strict: bool = True) -> Handle:
+        raise NotImplementedError
+
+
+@register_policy("fora")
+@dataclass(frozen=True)
+class FORAConfig(CachePolicy):
+    """FORA: recompute every block's attention and MLP outputs every ``interval`` steps, reuse in between.
+
+    ``interval`` = 1 is the plain pipeline; larger intervals skip ~(1 − 1/interval) of the block FLOPs
+    and let features go stale for up to ``interval − 1`` steps.
+    """
+
+    interval: int = 2
+
+    def to_mask(self, info: Any, num_steps: int) -> CacheMaskConfig:
+        mask = np.zeros(info.mask_shape(num_steps), dtype=bool)
+        mask[:: self.interval] = True
+        return CacheMaskConfig.from_array(info.components, mask)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "policy", "policy": "fora", "interval": self.interval}
+
+    @classmethod
+    def _from_fields(cls, data: Mapping[str, Any]) -> FORAConfig:
+        check_keys(data, {"kind", "policy", "interval"}, "cache")
+        return cls(interval=as_int(data.get("interval", 2), "cache.interval", minimum=1))
+
+    def apply(self, pipe: Any, *, strict: bool = True) -> Handle:
+        info, denoiser = _resolve(pipe)
+        tracker = StepTracker(denoiser, getattr(pipe, "scheduler", None))
+        handle = CompositeHandle([Handle(tracker.remove)])
+        # The interval pattern does not depend on the step count: any num_inference_steps works.
+        rows = np.arange(_MAX_STEPS) % self.interval == 0
+        for block in info.block_info:
+            for paths in block.components:
+                for path in paths:
+                    cache = _ComponentCache(tracker, rows)
+                    tracker.add_listener(cache)
+                    handle.add(wrap_forward(denoiser.get_submodule(path), cache))
+        return handle

@@ -1,0 +1,1 @@
+"""difftune.evaluators: latency, memory, FLOPs and quality metrics, calibration sets, reference cache."""

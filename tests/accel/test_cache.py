@@ -1,0 +1,201 @@
+"""Cache schedules: exactness, reversibility, CFG halves, step-count checks, FLOP accounting."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import difftune
+from difftune.accel.cache import CacheMaskConfig, CachePolicy, FORAConfig, apply_cache_schedule
+from difftune.accel.flops import component_flops, count_flops
+from tests.models.tiny_pipelines import build, torch_threads
+
+STEPS = 6
+
+
+def _run(pipe, steps=STEPS, **kw):
+    return pipe(
+        class_labels=[1, 4, 7],
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        **kw,
+    ).images
+
+
+def _mask(info, steps=STEPS, every=2):
+    mask = np.ones(info.mask_shape(steps), dtype=bool)
+    mask[np.arange(steps) % every != 0] = False
+    return mask
+
+
+def test_all_ones_mask_is_bit_identical_and_remove_restores(embedded_pipe):
+    info = difftune.describe(embedded_pipe)
+    base = _run(embedded_pipe)
+    handle = apply_cache_schedule(embedded_pipe, CacheMaskConfig.from_array(info.components, _mask(info, every=1)))
+    assert torch.equal(_run(embedded_pipe), base)
+    handle.remove()
+    handle = apply_cache_schedule(embedded_pipe, CacheMaskConfig.from_array(info.components, _mask(info)))
+    cached = _run(embedded_pipe)
+    handle.remove()
+    assert not torch.equal(cached, base)
+    assert torch.equal(_run(embedded_pipe), base)
+    for module in embedded_pipe.transformer.modules():
+        assert "forward" not in module.__dict__
+    assert "set_timesteps" not in embedded_pipe.scheduler.__dict__
+
+
+def test_reuse_returns_the_exact_output_of_the_last_computed_step(embedded_pipe):
+    """Hand-derived: with attn1 of block 2 reused at odd steps, its output at step 2k+1 equals step 2k's."""
+    info = difftune.describe(embedded_pipe)
+    mask = np.ones(info.mask_shape(STEPS), dtype=bool)
+    mask[1::2, 2, 0] = False
+    module = embedded_pipe.transformer.transformer_blocks[2].attn1
+    ran, returned = [], []
+    # a hook on a child fires only when attn1's own forward really runs
+    hook = module.to_q.register_forward_hook(lambda m, a, out: ran.append(1))
+    outer = module.register_forward_hook(lambda m, a, out: returned.append(out))
+    handle = apply_cache_schedule(embedded_pipe, CacheMaskConfig.from_array(info.components, mask))
+    try:
+        _run(embedded_pipe)
+    finally:
+        handle.remove()
+        hook.remove()
+        outer.remove()
+    assert len(ran) == STEPS // 2 and len(returned) == STEPS
+    for step in range(1, STEPS, 2):
+        assert returned[step] is returned[step - 1]
+    assert not torch.equal(returned[2], returned[0])
+
+
+def test_fora_equals_its_mask_and_runs_any_step_count(embedded_pipe):
+    info = difftune.describe(embedded_pipe)
+    handle = FORAConfig(interval=2).apply(embedded_pipe)
+    fora = _run(embedded_pipe)
+    other_steps = _run(embedded_pipe, steps=4)
+    handle.remove()
+    handle = apply_cache_schedule(embedded_pipe, FORAConfig(interval=2).to_mask(info, STEPS))
+    assert torch.equal(_run(embedded_pipe), fora)
+    handle.remove()
+    assert other_steps.shape == fora.shape
+
+
+def test_step_count_mismatch_is_an_error_in_strict_mode(embedded_pipe):
+    info = difftune.describe(embedded_pipe)
+    config = CacheMaskConfig.from_array(info.components, _mask(info))
+    handle = apply_cache_schedule(embedded_pipe, config)
+    with pytest.raises(difftune.ProfileError, match=f"num_inference_steps={STEPS}"):
+        _run(embedded_pipe, steps=STEPS + 2)
+    handle.remove()
+    handle = apply_cache_schedule(embedded_pipe, config, strict=False)
+    with pytest.warns(UserWarning, match="recompute everything"):
+        _run(embedded_pipe, steps=STEPS + 2)
+    handle.remove()
+
+
+def test_mask_for_another_model_is_refused(embedded_pipe):
+    bad = CacheMaskConfig.from_array(["attn1", "attn2", "ff"], np.ones((STEPS, 6, 3)))
+    with pytest.raises(difftune.ProfileError, match="slots"):
+        apply_cache_schedule(embedded_pipe, bad)
+    info = difftune.describe(embedded_pipe)
+    wrong_blocks = CacheMaskConfig.from_array(info.components, np.ones((STEPS, 5, 2)))
+    with pytest.raises(difftune.ProfileError, match="5 blocks"):
+        apply_cache_schedule(embedded_pipe, wrong_blocks)
+
+
+def test_cfg_halves_batched_equal_separate_unconditional_calls():
+    """A pipeline that runs cond and uncond as two denoiser calls per step (Flux true CFG) caches each
+    separately: reusing must give the same as caching nothing whenever the mask is all ones, and the
+    two calls of a step must never return each other's features."""
+    with torch_threads(1):
+        pipe, kwargs = build("flux")
+        info = difftune.describe(pipe)
+        steps = kwargs["num_inference_steps"] = 4
+        calls = []
+        hook = pipe.transformer.register_forward_hook(lambda m, a, out: calls.append(1))
+        pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)})
+        hook.remove()
+        assert len(calls) == 2 * steps  # the pipeline really makes two calls per step
+        mask = np.ones(info.mask_shape(steps), dtype=bool)
+        mask[1::2] = False
+        module = pipe.transformer.transformer_blocks[0].ff
+        ran, returned = [], []
+        hook = module.net[0].register_forward_hook(lambda m, a, out: ran.append(1))
+        outer = module.register_forward_hook(lambda m, a, out: returned.append(out))
+        handle = apply_cache_schedule(pipe, CacheMaskConfig.from_array(info.components, mask))
+        try:
+            pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)})
+        finally:
+            handle.remove()
+            hook.remove()
+            outer.remove()
+        # steps 0 and 2 compute (2 calls each); steps 1 and 3 reuse: call k of step 1 returns call k of step 0
+        assert len(ran) == 4 and len(returned) == 8
+        assert returned[2] is returned[0] and returned[3] is returned[1] and returned[0] is not returned[1]
+        assert returned[6] is returned[4] and returned[7] is returned[5]
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd", "sd3"])
+def test_masks_run_on_other_families(family):
+    with torch_threads(1):
+        pipe, kwargs = build(family)
+        info = difftune.describe(pipe)
+        steps = kwargs["num_inference_steps"]
+        base = pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)}).images
+        ones = CacheMaskConfig.from_array(info.components, np.ones(info.mask_shape(steps)))
+        handle = apply_cache_schedule(pipe, ones)
+        same = pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)}).images
+        handle.remove()
+        np.testing.assert_array_equal(same, base)
+        mask = np.ones(info.mask_shape(steps), dtype=bool)
+        mask[1:] = False
+        handle = apply_cache_schedule(pipe, CacheMaskConfig.from_array(info.components, mask))
+        reduced = count_flops(lambda: pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)}))
+        handle.remove()
+        full = count_flops(lambda: pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)}))
+        assert reduced < full
+
+
+def test_component_flops_predict_the_counted_flops_of_a_schedule(embedded_pipe):
+    info = difftune.describe(embedded_pipe)
+    flops = component_flops(embedded_pipe, lambda: _run(embedded_pipe))
+    assert flops.per_component.shape == (len(info.blocks), len(info.components))
+    assert (flops.per_component > 0).all() and flops.per_component.sum() < flops.total
+    mask = _mask(info, every=3)
+    mask[:, 0] = True  # keep block 0 always fresh: a non-uniform mask
+    full = count_flops(lambda: _run(embedded_pipe))
+    handle = apply_cache_schedule(embedded_pipe, CacheMaskConfig.from_array(info.components, mask))
+    counted = count_flops(lambda: _run(embedded_pipe))
+    handle.remove()
+    assert full == flops.total * STEPS
+    assert counted == flops.schedule_flops(mask)
+    assert flops.ideal_speedup(mask) == pytest.approx(full / counted)
+
+
+def test_configs_round_trip_through_json(embedded_pipe):
+    info = difftune.describe(embedded_pipe)
+    mask = CacheMaskConfig.from_array(info.components, _mask(info))
+    for config in (mask, FORAConfig(interval=3)):
+        data = json.loads(json.dumps(config.to_dict()))
+        again = CacheMaskConfig.from_dict(data) if data["kind"] == "mask" else CachePolicy.from_dict(data)
+        assert again == config
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"kind": "mask", "components": ["attn1", "ff"], "mask": [[[1, 2]]]}, r"cache.mask\[0\]\[0\]"),
+        ({"kind": "mask", "components": [], "mask": [[[1]]]}, "cache.components"),
+        ({"kind": "mask", "components": ["a"], "mask": [[[1], [1]], [[1]]]}, r"cache.mask\[1\]: has 1 blocks"),
+        ({"kind": "policy", "policy": "nope"}, "known policies: .*fora"),
+        ({"kind": "policy", "policy": "fora", "interval": 0}, "cache.interval: must be >= 1"),
+        ({"kind": "policy", "policy": "fora", "intervl": 2}, "unknown key"),
+    ],
+)
+def test_malformed_cache_sections_name_the_field(data, message):
+    cls = CacheMaskConfig if data["kind"] == "mask" else CachePolicy
+    with pytest.raises(difftune.ProfileError, match=message):
+        cls.from_dict(data)

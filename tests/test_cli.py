@@ -1,0 +1,87 @@
+"""The command line: models, generate, and one-line errors with a non-zero exit on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from difftune.cli import EXIT_BAD_INPUT, main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "difftune.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_commands():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for command in ("models", "generate"):
+        assert command in out.stdout
+
+
+def test_models_lists_the_embedded_default(capsys):
+    main(["models"])
+    out = capsys.readouterr().out
+    assert "embedded" in out and "ships" in out and "stabilityai/stable-diffusion-xl-base-1.0" in out
+
+
+def test_generate_writes_a_grid(tmp_path, capsys):
+    out = tmp_path / "sub" / "grid.png"
+    main(["generate", "--prompt", "digit 3", "7", "--per-prompt", "3", "--steps", "3", "--out", str(out)])
+    image = Image.open(out)
+    # 2 rows × 3 columns of 16-px digits upscaled ×4, with 2-px gutters
+    assert image.size == (3 * 64 + 4 * 2, 2 * 64 + 3 * 2)
+    assert "wrote" in capsys.readouterr().out
+    assert [p.name for p in out.parent.iterdir()] == ["grid.png"]
+
+
+def test_generate_is_reproducible_and_seed_dependent(tmp_path):
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    for path, seed in zip(paths, (5, 5, 6), strict=True):
+        main(["generate", "-p", "1", "--per-prompt", "2", "--steps", "3", "--seed", str(seed), "--out", str(path)])
+    a, b, c = (Image.open(p).tobytes() for p in paths)
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--prompt", "digit x"], "not a class of the embedded model"),
+        (["--prompt", "3", "--model", "./no/such/dir"], "no model './no/such/dir'"),
+        (["--prompt", "3", "--model", "someone/uncached-model"], "never downloads"),
+        (["--prompt", "3", "--scheduler", "heun9"], "unknown scheduler 'heun9'"),
+    ],
+)
+def test_bad_input_is_one_line_and_non_zero(tmp_path, args, message):
+    out = tmp_path / "grid.png"
+    result = run_cli("generate", *args, "--steps", "2", "--out", str(out))
+    assert result.returncode == EXIT_BAD_INPUT
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_generate_with_a_profile_uses_its_context(tmp_path, embedded_pipe, capsys):
+    from tests.test_profile import make_profile
+
+    profile = make_profile(embedded_pipe, steps=4)
+    profile.save(tmp_path / "p.json")
+    plain, tuned = tmp_path / "plain.png", tmp_path / "tuned.png"
+    main(["generate", "-p", "3", "--steps", "4", "--guidance-scale", "1.5", "--out", str(plain)])
+    main(["generate", "-p", "3", "--profile", str(tmp_path / "p.json"), "--out", str(tuned)])
+    assert "profile 'test'" in capsys.readouterr().out
+    assert Image.open(plain).tobytes() != Image.open(tuned).tobytes()
+
+
+@pytest.mark.parametrize("content,message", [("{not json", "not valid JSON"), ('{"schema_version": 1}', "missing")])
+def test_generate_with_a_bad_profile_fails_cleanly(tmp_path, content, message):
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    result = run_cli("generate", "-p", "3", "--profile", str(bad), "--out", str(tmp_path / "g.png"))
+    assert result.returncode == EXIT_BAD_INPUT
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "g.png").exists()
