@@ -63,6 +63,70 @@ def _skip_mask(shape: tuple[int, int, int], fraction: float) -> np.ndarray:
     return mask
 
 
+def _mask_figures(
+    label: str, plain: Callable[[], Any], tuned_pipe: Any, tuned: Callable[[], Any], steps: int, repeats: int
+) -> list[Figure]:
+    """Cache masks skipping 25 / 50 / 75 % of the block-component FLOPs: realized ÷ FLOP-ideal speedup."""
+    import difftune
+    from difftune.accel.cache import CacheMaskConfig, apply_cache_schedule
+    from difftune.accel.flops import component_flops
+    from difftune.evaluators.latency import measure_ab
+
+    info = difftune.describe(tuned_pipe)
+    flops = component_flops(tuned_pipe, tuned)
+    figures = []
+    for fraction in (0.25, 0.5, 0.75):
+        mask = _skip_mask(info.mask_shape(steps), fraction)
+        block_share = (~mask * flops.per_component[None]).sum() / (flops.per_component.sum() * steps)
+        ideal = flops.ideal_speedup(mask)
+        handle = apply_cache_schedule(tuned_pipe, CacheMaskConfig.from_array(info.components, mask))
+        ab = measure_ab(plain, tuned, repeats=repeats)
+        handle.remove()
+        figures.append(
+            Figure(
+                f"{label}: mask skipping {block_share:.0%} of block FLOPs, realized ÷ FLOP-ideal speedup",
+                ab.speedup / ideal,
+                ">= 0.9",
+                f"realized {ab.speedup:.2f}× ({ab.a.median_ms:.0f} → {ab.b.median_ms:.0f} ms), FLOP-ideal {ideal:.2f}×",
+            )
+        )
+    return figures
+
+
+def _compute_bound_dit(batch: int) -> tuple[Any, Callable[[], Any]]:
+    """A DiT-XL-like block stack at CPU scale (random weights: speed depends on shapes, not values) where
+    the blocks' matrix products dominate, as they do for the real models on a GPU."""
+    from diffusers import DDIMScheduler, DiTTransformer2DModel
+
+    from difftune.models.embedded import DigitsDiTPipeline
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=8,
+        attention_head_dim=64,
+        in_channels=1,
+        out_channels=1,
+        num_layers=8,
+        sample_size=32,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+    ).eval()
+    pipe = DigitsDiTPipeline(transformer=transformer, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    labels = [i % 10 for i in range(batch)]
+
+    def run() -> Any:
+        return pipe(
+            class_labels=labels,
+            num_inference_steps=8,
+            guidance_scale=1.0,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        )
+
+    return pipe, run
+
+
 def bench_runtime(repeats: int = 7, batch: int = 16) -> list[Figure]:
     """(a) an empty profile's overhead; (b) cache masks' realized ÷ FLOP-ideal speedup.
 
@@ -70,8 +134,6 @@ def bench_runtime(repeats: int = 7, batch: int = 16) -> list[Figure]:
     under test for the whole measurement, so applying it is never timed.
     """
     import difftune
-    from difftune.accel.cache import CacheMaskConfig, apply_cache_schedule
-    from difftune.accel.flops import component_flops
     from difftune.evaluators.latency import measure_ab
     from difftune.profile import ModelRef, Profile, ProfileContext
 
@@ -98,23 +160,49 @@ def bench_runtime(repeats: int = 7, batch: int = 16) -> list[Figure]:
         )
     )
 
-    flops = component_flops(tuned_pipe, lambda: tuned(steps))
-    for fraction in (0.25, 0.5, 0.75):
-        mask = _skip_mask(info.mask_shape(steps), fraction)
-        block_share = (~mask * flops.per_component[None]).sum() / (flops.per_component.sum() * steps)
-        ideal = flops.ideal_speedup(mask)
-        handle = apply_cache_schedule(tuned_pipe, CacheMaskConfig.from_array(info.components, mask))
-        ab = measure_ab(lambda: plain(steps), lambda: tuned(steps), repeats=repeats)
-        handle.remove()
-        figures.append(
-            Figure(
-                f"cache mask skipping {block_share:.0%} of block FLOPs: realized ÷ FLOP-ideal speedup",
-                ab.speedup / ideal,
-                ">= 0.9",
-                f"realized {ab.speedup:.2f}× ({ab.a.median_ms:.0f} → {ab.b.median_ms:.0f} ms), FLOP-ideal {ideal:.2f}×",
-            )
-        )
+    figures.append(_solver_overhead(plain, tuned_pipe, tuned, steps, repeats))
+
+    figures += _mask_figures("embedded", lambda: plain(steps), tuned_pipe, lambda: tuned(steps), steps, repeats)
+    _, big_plain = _compute_bound_dit(4)
+    big_pipe, big_tuned = _compute_bound_dit(4)
+    figures += _mask_figures("compute-bound DiT (width 512, 256 tokens)", big_plain, big_pipe, big_tuned, 8, repeats)
     return figures
+
+
+def _solver_overhead(plain: Callable[..., Any], pipe: Any, run: Callable[..., Any], steps: int, repeats: int) -> Figure:
+    """(c) the USF scheduler on DPM-Solver++(2M)'s schedule vs diffusers' DPM-Solver++ itself: the
+    whole pipeline's latency ratio, and the scheduler's own step time (no model) as detail."""
+    from difftune.accel.solver import SolverSchedule
+    from difftune.evaluators.latency import measure_ab
+
+    dpm = pipe.scheduler
+    schedule = SolverSchedule.from_scheduler(dpm, steps)
+    handle = schedule.apply(pipe)
+    usf = pipe.scheduler
+    ab = measure_ab(lambda: plain(steps), lambda: run(steps), repeats=repeats)
+    handle.remove()
+
+    sample = torch.randn(32, 1, 16, 16)
+    outputs = [torch.randn_like(sample) for _ in range(steps)]
+
+    def loop(scheduler: Any) -> Callable[[], None]:
+        def go() -> None:
+            scheduler.set_timesteps(steps)
+            x = sample
+            for t, out in zip(scheduler.timesteps, outputs, strict=True):
+                x = scheduler.step(out, t, x).prev_sample
+
+        return go
+
+    only = measure_ab(loop(dpm), loop(usf), repeats=max(repeats, 15))
+    per_step_us = (only.b.median_ms - only.a.median_ms) * 1000 / steps
+    return Figure(
+        "USF scheduler ÷ diffusers DPM-Solver++(2M), pipeline latency",
+        ab.ratio,
+        "<= 1.05",
+        f"{ab.a.median_ms:.1f} vs {ab.b.median_ms:.1f} ms; scheduler alone {only.a.median_ms:.2f} vs "
+        f"{only.b.median_ms:.2f} ms per {steps}-step run ({per_step_us:+.0f} µs/step)",
+    )
 
 
 BENCHMARKS: dict[str, Callable[..., list[Figure]]] = {"runtime": bench_runtime}

@@ -143,6 +143,7 @@ def generate(
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
+        diffusers_logging.set_verbosity_error()  # the CLI reports problems itself, one line each
 
         from difftune.models import describe, load_pipeline
 
