@@ -213,8 +213,21 @@ def bench(
     console.print(table)
 
 
+def _quiet_libraries() -> None:
+    """Keep stderr for difftune's own one-line errors: libraries' log chatter (diffusers' loading notes,
+    optional-kernel probes of torchao, torch's deprecation logs) is shown only with DIFFTUNE_VERBOSE=1."""
+    import logging
+
+    if os.environ.get("DIFFTUNE_VERBOSE"):
+        return
+    logging.getLogger().addHandler(logging.NullHandler())
+    for name in ("torch", "torchao", "diffusers", "transformers", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning difftune's own errors into one line on stderr and exit code 2."""
+    _quiet_libraries()
     try:
         app(args=argv, standalone_mode=False)
     except DifftuneError as exc:
