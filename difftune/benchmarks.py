@@ -162,11 +162,36 @@ def bench_runtime(repeats: int = 7, batch: int = 16) -> list[Figure]:
 
     figures.append(_solver_overhead(plain, tuned_pipe, tuned, steps, repeats))
 
+    figures.append(_sada_figure(plain, tuned_pipe, tuned, repeats))
     figures += _mask_figures("embedded", lambda: plain(steps), tuned_pipe, lambda: tuned(steps), steps, repeats)
     _, big_plain = _compute_bound_dit(4)
     big_pipe, big_tuned = _compute_bound_dit(4)
     figures += _mask_figures("compute-bound DiT (width 512, 256 tokens)", big_plain, big_pipe, big_tuned, 8, repeats)
     return figures
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * float(np.log10(1.0 / mse))
+
+
+def _sada_figure(plain: Callable[..., Any], pipe: Any, run: Callable[..., Any], repeats: int) -> Figure:
+    """(d) SADA at τ = 0 (the reference's SD-2 settings) on 50 steps: speedup and PSNR vs plain."""
+    from difftune.accel.sada import SADAConfig
+    from difftune.evaluators.latency import measure_ab
+
+    steps = 50
+    reference = plain(steps).images
+    handle = SADAConfig(threshold=0.0).apply(pipe)
+    accelerated = run(steps).images
+    skipped = len(handle.stats.skipped)
+    ab = measure_ab(lambda: plain(steps), lambda: run(steps), repeats=max(3, repeats // 2))
+    handle.remove()
+    detail = (
+        f"PSNR {_psnr(accelerated, reference):.1f} dB vs plain; {ab.a.median_ms:.0f} → {ab.b.median_ms:.0f} ms; "
+        f"{skipped}/{steps} steps skipped"
+    )
+    return Figure("SADA τ=0, 50 steps: speedup vs plain", ab.speedup, "", detail)
 
 
 def _solver_overhead(plain: Callable[..., Any], pipe: Any, run: Callable[..., Any], steps: int, repeats: int) -> Figure:

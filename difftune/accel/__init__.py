@@ -11,6 +11,16 @@ from difftune.accel.deepcache import DeepCacheConfig
 from difftune.accel.delta_dit import DeltaDiTConfig
 from difftune.accel.first_block_cache import FirstBlockCacheConfig
 from difftune.accel.flops import ComponentFlops, component_flops, count_flops
+from difftune.accel.quant import (
+    QuantConfig,
+    QuantHandle,
+    QuantSpec,
+    WeightMemory,
+    apply_quantization,
+    quantization_report,
+    weight_memory_bytes,
+)
+from difftune.accel.sada import SADAConfig, apply_sada
 from difftune.accel.solver import SolverSchedule, SolverStep, USFScheduler, dynamic_compensation
 from difftune.accel.taylorseer import TaylorSeerConfig
 
@@ -25,15 +35,24 @@ __all__ = [
     "FORAConfig",
     "FirstBlockCacheConfig",
     "Handle",
+    "QuantConfig",
+    "QuantHandle",
+    "QuantSpec",
+    "SADAConfig",
     "SolverSchedule",
     "SolverStep",
     "TaylorSeerConfig",
     "USFScheduler",
+    "WeightMemory",
     "apply_cache_schedule",
+    "apply_quantization",
+    "apply_sada",
     "component_flops",
     "config_from_dict",
     "count_flops",
     "dynamic_compensation",
+    "quantization_report",
     "register_technique",
     "techniques",
+    "weight_memory_bytes",
 ]

@@ -50,6 +50,8 @@ _TECHNIQUE_MODULES = (
     "difftune.accel.delta_dit",
     "difftune.accel.first_block_cache",
     "difftune.accel.taylorseer",
+    "difftune.accel.quant",
+    "difftune.accel.sada",
 )
 
 

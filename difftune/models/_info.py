@@ -63,6 +63,16 @@ def _state_key(module: torch.nn.Module) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in module.state_dict(keep_vars=True).values())
 
 
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    try:
+        return t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes()
+    except (NotImplementedError, RuntimeError, TypeError):
+        # Tensor subclasses (torchao's quantized weights) have no raw byte view: hash their values.
+        dequantize = getattr(t, "dequantize", None)
+        plain = dequantize() if callable(dequantize) else t
+        return plain.to(torch.float32).contiguous().reshape(-1).cpu().numpy().tobytes()
+
+
 def fingerprint(module: torch.nn.Module) -> str:
     """A hash of a denoiser's weights: names, shapes, dtypes and bytes of every tensor in its state dict.
 
@@ -77,7 +87,7 @@ def fingerprint(module: torch.nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach()
         digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        digest.update(t.contiguous().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+        digest.update(_tensor_bytes(t))
     value = "sha256:" + digest.hexdigest()[:32]
     _cache[module] = (key, value)
     return value
