@@ -88,27 +88,62 @@ def test_a_failing_section_undoes_the_ones_already_applied(embedded_pipe):
     assert "forward" not in embedded_pipe.transformer.__dict__
 
 
-@pytest.mark.parametrize("family", ["sd", "pixart", "dit"])
-@pytest.mark.parametrize("technique", ["solver", "mask", "fora"])
+def _section(technique: str, pipe, info, steps: int) -> dict:
+    """One profile section per technique, at a setting that must change a 4-step run's output."""
+    from difftune.accel.deepcache import DeepCacheConfig
+    from difftune.accel.delta_dit import DeltaDiTConfig
+    from difftune.accel.first_block_cache import FirstBlockCacheConfig
+    from difftune.accel.quant import QuantConfig, QuantSpec
+    from difftune.accel.sada import SADAConfig
+    from difftune.accel.taylorseer import TaylorSeerConfig
+
+    if technique == "solver":
+        return {"solver": SolverSchedule.from_scheduler(pipe.scheduler, steps, order=2, corrector=True)}
+    if technique == "mask":
+        mask = np.ones(info.mask_shape(steps), dtype=bool)
+        mask[1::2] = False
+        return {"cache": CacheMaskConfig.from_array(info.components, mask)}
+    if technique == "sada":
+        return {
+            "sparsity": SADAConfig(
+                threshold=float("inf"), acc_range=(0, steps), max_interval=1, lagrange_term=0, max_downsample=0
+            )
+        }
+    if technique == "quant":
+        return {"quantization": QuantConfig("simulated", QuantSpec(4))}
+    configs = {
+        "fora": FORAConfig(interval=2),
+        "taylorseer": TaylorSeerConfig(interval=2, order=1, warmup=1),
+        "deepcache": DeepCacheConfig(interval=2, branch=0),
+        "delta_dit": DeltaDiTConfig(interval=2, switch_step=2, num_cached_blocks=1),
+        "first_block_cache": FirstBlockCacheConfig(threshold=10.0),
+    }
+    return {"cache": configs[technique]}
+
+
+COMMON = ["solver", "mask", "fora", "taylorseer", "sada", "quant"]
+CASES = (
+    [("sd", t) for t in [*COMMON, "deepcache"]]
+    + [("pixart", t) for t in [*COMMON, "delta_dit", "first_block_cache"]]
+    + [("dit", t) for t in ["solver", "mask", "delta_dit", "first_block_cache"]]
+)
+
+
+@pytest.mark.parametrize(("family", "technique"), CASES)
 def test_techniques_apply_and_remove_on_other_families(family, technique):
+    """Every technique through apply_profile on a tiny UNet and a tiny PixArt / DiT: it changes the output,
+    and removing it restores the plain pipeline exactly."""
     with torch_threads(1):
         pipe, kwargs = build(family)
-        steps = kwargs["num_inference_steps"] = 4
+        # SADA decides from step 3 on (it needs three drifts) and skips the step after: give it room
+        steps = kwargs["num_inference_steps"] = 8 if technique == "sada" else 4
         info = difftune.describe(pipe)
 
         def run():
             return pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)}).images
 
         before = run()
-        if technique == "solver":
-            section = {"solver": SolverSchedule.from_scheduler(pipe.scheduler, steps, order=2, corrector=True)}
-        elif technique == "mask":
-            mask = np.ones(info.mask_shape(steps), dtype=bool)
-            mask[1::2] = False
-            section = {"cache": CacheMaskConfig.from_array(info.components, mask)}
-        else:
-            section = {"cache": FORAConfig(interval=2)}
-        handle = difftune.apply_profile(pipe, _profile(pipe, steps, **section))
+        handle = difftune.apply_profile(pipe, _profile(pipe, steps, **_section(technique, pipe, info, steps)))
         tuned = run()
         handle.remove()
         assert np.isfinite(tuned).all() and tuned.shape == before.shape
