@@ -1,0 +1,113 @@
+"""Optuna behind the ask/tell interface: NSGA-II (default for several objectives), TPE, GP, random.
+
+The Optuna study may live in difftune's own database (an RDB storage URL), so that several workers
+share it and optuna-dashboard can open it too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from difftune.search._base import Proposal, Searcher, register_searcher
+
+from difftune.errors import SpaceError
+
+__all__ = ["OptunaSearcher", "make_sampler"]
+
+SAMPLERS = ("nsga2", "tpe", "gp", "random")
+
+
+def make_sampler(name: str, seed: int | None, n_objectives: int, population_size: int | None = None) -> Any:
+    """The Optuna sampler behind a difftune searcher name."""
+    import optuna
+
+    if name == "nsga2":
+        kwargs: dict[str, Any] = {"seed": seed}
+        if population_size:
+            kwargs["population_size"] = population_size
+        return optuna.samplers.NSGAIISampler(**kwargs)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise SpaceError(f"unknown Optuna sampler {name!r}; known: {', '.join(SAMPLERS)}")
+
+
+@register_searcher(*SAMPLERS)
+class OptunaSearcher(Searcher):
+    """An Optuna study driven by ask/tell.
+
+    Args:
+        distributions: parameter name → ``optuna.distributions.BaseDistribution``.
+        directions: ``"minimize"`` / ``"maximize"`` per objective.
+        sampler: one of ``nsga2``, ``tpe``, ``gp``, ``random``.
+        seed: sampler seed.
+        storage: an Optuna storage URL or object (``None``: in memory).
+        study_name: the Optuna study's name; an existing one is resumed.
+        population_size: NSGA-II's generation size.
+    """
+
+    name = "optuna"
+
+    def __init__(
+        self,
+        distributions: Mapping[str, Any],
+        directions: Sequence[str],
+        *,
+        sampler: str = "nsga2",
+        seed: int | None = None,
+        storage: Any = None,
+        study_name: str | None = None,
+        population_size: int | None = None,
+    ):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.distributions = dict(distributions)
+        self.directions = list(directions)
+        self.sampler_name = sampler
+        self.study = optuna.create_study(
+            storage=storage,
+            study_name=study_name,
+            directions=self.directions,
+            sampler=make_sampler(sampler, seed, len(self.directions), population_size),
+            load_if_exists=True,
+        )
+        self._open: dict[int, Any] = {}
+
+    def enqueue(self, params: Mapping[str, Any], baseline: str | None = None) -> None:
+        attrs = {"difftune:baseline": baseline} if baseline else None
+        self.study.enqueue_trial(dict(params), user_attrs=attrs, skip_if_exists=True)
+
+    def ask(self) -> Proposal:
+        trial = self.study.ask(self.distributions)
+        self._open[trial.number] = trial
+        params = {name: trial.params[name] for name in self.distributions if name in trial.params}
+        baseline = trial.user_attrs.get("difftune:baseline")
+        return Proposal(number=trial.number, params=params, baseline=baseline)
+
+    def tell(
+        self,
+        number: int,
+        values: Sequence[float] | None,
+        *,
+        constraints: Mapping[str, float] | None = None,
+        failure: str | None = None,
+    ) -> None:
+        import optuna
+
+        trial = self._open.pop(number, None)
+        target: Any = trial if trial is not None else number
+        if trial is not None:
+            for key, value in (constraints or {}).items():
+                trial.set_constraint(key, float(value))
+            if failure:
+                trial.set_user_attr("difftune:failure", failure[:2000])
+        if values is None or any(not math.isfinite(float(v)) for v in values):
+            self.study.tell(target, state=optuna.trial.TrialState.FAIL)
+            return
+        self.study.tell(target, [float(v) for v in values])
