@@ -1,1 +1,74 @@
-"""difftune.store: SQLAlchemy models, Alembic migrations and the repository API of frozen records."""
+"""difftune.store: SQLAlchemy models, Alembic migrations and the repository API of frozen records.
+
+One database holds difftune's tables (prefixed ``difftune_``) next to Optuna's own study storage::
+
+    from difftune.store import get_store, select_point
+
+    store = get_store("sqlite:///difftune.db")       # creates or upgrades the schema
+    front = store.pareto_front("nightly-embedded-cache", constraints=["psnr>=30"])
+    point = select_point(front, "fastest where psnr>=30")
+
+Every method returns frozen records (:class:`TrialRecord`, …), never ORM rows, and raises
+:class:`~difftune.StoreError` with a one-line message that names the database and what to do.
+"""
+
+from __future__ import annotations
+
+from difftune.store._engine import DEFAULT_URL, ENV_VAR, default_url, mask_url
+from difftune.store._migrate import VERSION_TABLE, current_revision, head_revision, upgrade
+from difftune.store._pareto import hypervolume, non_dominated
+from difftune.store._records import (
+    CALIBRATION,
+    HELD_OUT,
+    METRICS,
+    Direction,
+    FrontRecord,
+    ImageRecord,
+    MetricRecord,
+    MetricSpec,
+    ModelRecord,
+    ProfileRecord,
+    StudyRecord,
+    StudyStatus,
+    TrialRecord,
+    TrialState,
+    metric_spec,
+)
+from difftune.store._select import Constraint, Goal, Selection, parse_constraint, parse_select, select_point
+from difftune.store._storage import Store, get_store
+
+__all__ = [
+    "CALIBRATION",
+    "DEFAULT_URL",
+    "ENV_VAR",
+    "HELD_OUT",
+    "METRICS",
+    "VERSION_TABLE",
+    "Constraint",
+    "Direction",
+    "FrontRecord",
+    "Goal",
+    "ImageRecord",
+    "MetricRecord",
+    "MetricSpec",
+    "ModelRecord",
+    "ProfileRecord",
+    "Selection",
+    "Store",
+    "StudyRecord",
+    "StudyStatus",
+    "TrialRecord",
+    "TrialState",
+    "current_revision",
+    "default_url",
+    "get_store",
+    "head_revision",
+    "hypervolume",
+    "mask_url",
+    "metric_spec",
+    "non_dominated",
+    "parse_constraint",
+    "parse_select",
+    "select_point",
+    "upgrade",
+]
