@@ -10,9 +10,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from difftune.search._base import Proposal, Searcher, register_searcher
-
 from difftune.errors import SpaceError
+from difftune.search._base import Proposal, Searcher, register_searcher
 
 __all__ = ["OptunaSearcher", "make_sampler"]
 
@@ -73,7 +72,7 @@ class OptunaSearcher(Searcher):
         self.study = optuna.create_study(
             storage=storage,
             study_name=study_name,
-            directions=self.directions,
+            directions=self.directions,  # type: ignore[arg-type]
             sampler=make_sampler(sampler, seed, len(self.directions), population_size),
             load_if_exists=True,
         )

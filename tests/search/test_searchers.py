@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from difftune.search import get_searcher_class, searchers
 
 import difftune
+from difftune.search import get_searcher_class, searchers
 
 
 def _distributions():
