@@ -11,6 +11,7 @@ from difftune.accel.deepcache import DeepCacheConfig
 from difftune.accel.delta_dit import DeltaDiTConfig
 from difftune.accel.first_block_cache import FirstBlockCacheConfig
 from difftune.accel.flops import ComponentFlops, component_flops, count_flops
+from difftune.accel.placements import ays_schedule, ays_timesteps, gits_dp, gits_schedule, gits_timesteps
 from difftune.accel.quant import (
     QuantConfig,
     QuantHandle,
@@ -47,10 +48,15 @@ __all__ = [
     "apply_cache_schedule",
     "apply_quantization",
     "apply_sada",
+    "ays_schedule",
+    "ays_timesteps",
     "component_flops",
     "config_from_dict",
     "count_flops",
     "dynamic_compensation",
+    "gits_dp",
+    "gits_schedule",
+    "gits_timesteps",
     "quantization_report",
     "register_technique",
     "techniques",
