@@ -1,0 +1,203 @@
+"""The ``solver`` space: contract, diffusers equivalence of its baselines, repair, spacing measurement."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+import difftune
+from difftune.errors import SpaceError
+from difftune.spaces import (
+    SolverSpace,
+    SpaceContext,
+    SpacingChoice,
+    baseline_schedule,
+    best_spacing,
+    get_space,
+    to_profile,
+)
+
+from .contract import SpaceContract, run
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+class TestSolverSpace(SpaceContract):
+    space_name = "solver"
+
+    @classmethod
+    def make_context(cls, pipe: Any) -> SpaceContext:
+        # A short NFE range keeps "run every baseline" cheap; the unmeasured spacing is the scheduler's own.
+        return SpaceContext.from_pipeline(pipe, nfe_range=(3, 5), keep_pipeline=False)
+
+    def assert_same(self, a, b) -> None:
+        # Continuous grids are re-fitted by encode: timesteps agree up to their 4-decimal rounding.
+        x, y = a["solver"], b["solver"]
+        assert x.steps == y.steps
+        np.testing.assert_allclose(x.timesteps, y.timesteps, rtol=0, atol=2e-4)
+
+
+@pytest.fixture(scope="module")
+def context(embedded_pipe) -> SpaceContext:
+    return SpaceContext.from_pipeline(embedded_pipe, nfe_range=(3, 12), keep_pipeline=False)
+
+
+def _cosine_context(context: SpaceContext) -> SpaceContext:
+    return context.replace(scheduler_config={**context.scheduler_config, "beta_schedule": "squaredcos_cap_v2"})
+
+
+def test_variable_count(context):
+    names = [v.name for v in get_space("solver").variables(context)]
+    assert len(names) == 10 + 12
+    assert names[-1] == "step_11"
+
+
+def _images(pipe, steps):
+    return run(pipe, steps, labels=(1, 4, 8))
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_dpmsolver_baseline_equals_diffusers_at_its_spacing(embedded_pipe, context, spacing):
+    n = 5
+    ctx = context.replace(nfe_range=(n, n), spacings={("dpmsolver++", n): spacing, ("unipc", n): spacing})
+    points = {p.name: p for p in get_space("solver").baselines(ctx)}
+    original = embedded_pipe.scheduler
+    for name, cls in (("dpmsolver++", DPMSolverMultistepScheduler), ("unipc", UniPCMultistepScheduler)):
+        point = points[f"{name}_nfe{n}"]
+        assert point.params is not None
+        handle = difftune.apply_profile(embedded_pipe, to_profile(point.sections, ctx))
+        try:
+            ours = _images(embedded_pipe, n)
+        finally:
+            handle.remove()
+        embedded_pipe.scheduler = cls.from_config(original.config, timestep_spacing=spacing)
+        try:
+            theirs = _images(embedded_pipe, n)
+        finally:
+            embedded_pipe.scheduler = original
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_measured_best_spacing_baseline_equals_diffusers(embedded_pipe, context):
+    n = 5
+    choice = best_spacing(embedded_pipe, "dpmsolver++", n, samples=2)
+    assert choice.measured and choice.label in choice.mse
+    assert choice.mse[choice.label] == min(choice.mse.values())
+    assert best_spacing(embedded_pipe, "dpmsolver++", n, samples=2) is choice  # cached per model, method, NFE
+    ctx = context.replace(nfe_range=(n, n), spacings={("dpmsolver++", n): choice.to_dict()})
+    point = next(p for p in get_space("solver").baselines(ctx) if p.name == f"dpmsolver++_nfe{n}")
+    assert "measured" in point.description
+    handle = difftune.apply_profile(embedded_pipe, to_profile(point.sections, ctx))
+    try:
+        ours = _images(embedded_pipe, n)
+    finally:
+        handle.remove()
+    original = embedded_pipe.scheduler
+    embedded_pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config, **choice.scheduler_kwargs)
+    try:
+        theirs = _images(embedded_pipe, n)
+    finally:
+        embedded_pipe.scheduler = original
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    assert SpacingChoice.from_dict(choice.to_dict()) == choice
+
+
+def test_baselines_measure_lazily_with_a_pipeline(embedded_pipe):
+    ctx = SpaceContext.from_pipeline(embedded_pipe, nfe_range=(4, 4), spacing_samples=2)
+    points = get_space("solver").baselines(ctx)
+    assert [p.name for p in points] == ["dpmsolver++_nfe4", "unipc_nfe4", "ddim_nfe4"]
+    assert all("measured best" in p.description for p in points)
+    assert all(p.params is not None for p in points)
+
+
+def test_repair_lowers_order_above_history_and_drops_last_corrector(context):
+    space = get_space("solver")
+    params = {"nfe": 4, "step_0": "3c", "step_1": "3", "step_2": "2c", "step_3": "2c", "step_7": "3c"}
+    repaired = space.repair(params, context)
+    assert repaired.params["step_0"] == "1c"
+    assert repaired.params["step_1"] == "2"
+    assert repaired.params["step_2"] == "2c"
+    assert repaired.params["step_3"] == "1"  # no corrector, and order 1 landing on sigma 0
+    assert repaired.params["step_7"] == "3c"  # beyond the NFE: ignored, left alone
+    text = " ".join(repaired.changes)
+    assert "step_0" in text and "step_1" in text and "corrector" in text
+    schedule = space.decode(params, context)["solver"]
+    assert [(s.order, s.corrector) for s in schedule.steps] == [(1, True), (2, False), (2, True), (1, False)]
+
+
+def test_global_knobs_and_prediction_switch(context):
+    space = get_space("solver")
+    schedule = space.decode(
+        {"nfe": 6, "order": 3, "corrector": True, "prediction": "noise", "prediction_switch": 4}, context
+    )["solver"]
+    assert [s.order for s in schedule.steps] == [1, 2, 3, 3, 3, 1]
+    assert [s.corrector for s in schedule.steps] == [True] * 5 + [False]
+    assert [s.prediction for s in schedule.steps] == ["noise"] * 4 + ["data"] * 2
+
+
+@pytest.mark.parametrize("grid", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("clip", [-math.inf, -5.1])
+def test_spacing_grids_are_diffusers_spacings_also_clipped_on_a_cosine_model(context, grid, clip):
+    space = get_space("solver")
+    ctx = _cosine_context(context)
+    for n in (3, 7, 12):
+        kwargs = {"timestep_spacing": grid, "lambda_min_clipped": clip}
+        try:
+            schedule = baseline_schedule("dpmsolver++", ctx.scheduler_config, n, kwargs)
+        except SpaceError:
+            continue  # diffusers' trailing from a clipped start loses steps: not a baseline
+        params = space.encode({"solver": schedule}, ctx)  # may name another grid with the same timesteps
+        assert space.decode(params, ctx)["solver"] == schedule
+
+
+def test_continuous_grids_keep_their_ends_and_warp(context):
+    space = get_space("solver")
+    for grid in ("time_uniform", "logsnr_uniform", "karras"):
+        base = {"nfe": 8, "grid": grid, "t_start": 0.9, "t_end": 0.01}
+        t1 = np.array(space.decode({**base, "warp": 1.0}, context)["solver"].timesteps)
+        t2 = np.array(space.decode({**base, "warp": 1.8}, context)["solver"].timesteps)
+        assert t1[0] == t2[0] == pytest.approx(0.9 * 999, abs=1e-4)
+        assert t1[-1] == t2[-1] == pytest.approx(10.0)
+        assert (t2[1:-1] > t1[1:-1]).all()  # warp > 1: more steps at high noise
+
+
+def test_flow_matching_model_has_no_integer_spacings(context):
+    config = {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "shift": 3.0,
+        "use_dynamic_shifting": False,
+    }
+    ctx = context.replace(scheduler_config=config)
+    space = get_space("solver")
+    variables = {v.name: v for v in space.variables(ctx)}
+    assert "t_start" not in variables and len(variables) == 9 + 12
+    assert set(variables["grid"].choices) == {"flow_sigmas", "time_uniform", "logsnr_uniform", "karras"}
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        schedule = space.decode(space.sample(ctx, rng), ctx)["solver"]
+        assert 0 < schedule.timesteps[-1] < schedule.timesteps[0] <= 1000
+    # FlowMatchEuler's own grid is the time-uniform grid with the default warp.
+    schedule = space.decode({"nfe": 4, "grid": "time_uniform", "t_end": 0.001}, ctx)["solver"]
+    assert schedule.timesteps[0] == 1000.0
+    points = space.baselines(ctx.replace(nfe_range=(4, 4)))
+    assert [p.name for p in points] == ["dpmsolver++_nfe4", "unipc_nfe4", "ddim_nfe4"]
+    for point in points:
+        assert point.params is not None and point.params["grid"] == "flow_sigmas"
+        assert space.decode(point.params, ctx) == dict(point.sections)
+
+
+def test_encode_refuses_what_is_not_in_the_space(context):
+    space = get_space("solver")
+    schedule = space.decode({"nfe": 5}, context)["solver"]
+    with pytest.raises(SpaceError, match="nfe_range"):
+        space.encode({"solver": schedule}, context.replace(nfe_range=(6, 12)))
+    odd = type(schedule)((999.0, 700.0, 650.0, 100.0, 3.0), schedule.steps)
+    with pytest.raises(SpaceError, match="grids"):
+        space.encode({"solver": odd}, context)
+    assert isinstance(get_space("solver"), SolverSpace)
