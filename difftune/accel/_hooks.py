@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CompositeHandle", "Handle", "StepTracker", "wrap_forward"]
+__all__ = ["CompositeHandle", "Handle", "StepTracker", "wrap_forward", "wrap_method"]
 
 _MISSING = object()
 
@@ -53,31 +53,37 @@ class CompositeHandle(Handle):
             self.handles.pop().remove()
 
 
-def wrap_forward(module: torch.nn.Module, wrapper: Callable[..., Any]) -> Handle:
-    """Route ``module(...)`` through ``wrapper(forward, *args, **kwargs)``; the handle restores it.
+def wrap_method(obj: Any, name: str, wrapper: Callable[..., Any]) -> Handle:
+    """Route ``obj.name(...)`` through ``wrapper(inner, *args, **kwargs)``; the handle restores it.
 
-    ``forward`` is whatever the module called before (its own method or an earlier wrapper), so
-    wrappers stack; remove them in reverse order (a :class:`CompositeHandle` does).
+    ``inner`` is whatever the attribute was before (the class's method or an earlier wrapper), so
+    wrappers stack; remove them in reverse order (a :class:`CompositeHandle` does). The instance
+    attribute is deleted on removal when there was none, so the object is exactly as before.
     """
-    previous = module.__dict__.get("forward", _MISSING)
-    inner = module.forward
+    previous = obj.__dict__.get(name, _MISSING)
+    inner = getattr(obj, name)
 
-    # functools.wraps keeps inspect.signature(module.forward) truthful: pipelines inspect it.
+    # functools.wraps keeps inspect.signature truthful: pipelines inspect forward / set_timesteps / step.
     @functools.wraps(inner)
-    def forward(*args: Any, **kwargs: Any) -> Any:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
         return wrapper(inner, *args, **kwargs)
 
-    module.forward = forward  # type: ignore[method-assign]
+    setattr(obj, name, wrapped)
 
     def undo() -> None:
-        if module.__dict__.get("forward") is not forward:
-            raise RuntimeError(f"{type(module).__name__}.forward was re-wrapped after this hook; remove hooks in order")
+        if obj.__dict__.get(name) is not wrapped:
+            raise RuntimeError(f"{type(obj).__name__}.{name} was re-wrapped after this hook; remove hooks in order")
         if previous is _MISSING:
-            del module.__dict__["forward"]
+            del obj.__dict__[name]
         else:
-            module.forward = previous  # type: ignore[method-assign]
+            setattr(obj, name, previous)
 
     return Handle(undo)
+
+
+def wrap_forward(module: torch.nn.Module, wrapper: Callable[..., Any]) -> Handle:
+    """:func:`wrap_method` on ``module.forward``."""
+    return wrap_method(module, "forward", wrapper)
 
 
 def _timestep_value(value: Any) -> float:
@@ -116,24 +122,12 @@ class StepTracker:
         return (params.index(name) if name in params else None), name
 
     def _wrap_set_timesteps(self, scheduler: Any) -> Handle:
-        previous = scheduler.__dict__.get("set_timesteps", _MISSING)
-        inner = scheduler.set_timesteps
-
-        @functools.wraps(inner)
-        def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+        def set_timesteps(inner: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             out = inner(*args, **kwargs)
             self.start_run(len(scheduler.timesteps))
             return out
 
-        scheduler.set_timesteps = set_timesteps
-
-        def undo() -> None:
-            if previous is _MISSING:
-                scheduler.__dict__.pop("set_timesteps", None)
-            else:
-                scheduler.set_timesteps = previous
-
-        return Handle(undo)
+        return wrap_method(scheduler, "set_timesteps", set_timesteps)
 
     def add_listener(self, listener: Any) -> None:
         """``listener.reset()`` runs at the start of every sampling run, and ``listener.on_call(tracker)``

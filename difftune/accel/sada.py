@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from difftune.accel._fields import as_int, check_keys
-from difftune.accel._hooks import CompositeHandle, Handle, StepTracker, wrap_forward
+from difftune.accel._hooks import CompositeHandle, Handle, StepTracker, wrap_forward, wrap_method
 from difftune.accel._registry import register_technique
 from difftune.errors import DifftuneError, ProfileError
 
@@ -740,22 +740,7 @@ def _prunable_blocks(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _wrap_step(scheduler: Any, wrapper: Callable[..., Any]) -> Handle:
-    previous = scheduler.__dict__.get("step", _MISSING)
-    inner = scheduler.step
-
-    def step(*args: Any, **kwargs: Any) -> Any:
-        return wrapper(inner, *args, **kwargs)
-
-    step.__wrapped__ = inner  # type: ignore[attr-defined]
-    scheduler.step = step
-
-    def undo() -> None:
-        if previous is _MISSING:
-            scheduler.__dict__.pop("step", None)
-        else:
-            scheduler.step = previous
-
-    return Handle(undo)
+    return wrap_method(scheduler, "step", wrapper)
 
 
 def apply_sada(pipe: Any, config: SADAConfig | None = None, *, strict: bool = True) -> SADAHandle:
