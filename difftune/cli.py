@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import os
 import sys
 import tempfile
@@ -211,6 +212,255 @@ def bench(
         met = {True: "[green]yes[/]", False: "[red]no[/]", None: ""}[f.met]
         table.add_row(f.name, f"{f.value:.3f}", f.target, met, f.detail)
     console.print(table)
+
+
+def _storage_url(storage: str | None) -> str:
+    from difftune.store import default_url
+
+    return storage or default_url()
+
+
+def _open_existing_store(storage: str | None) -> Any:
+    """The store at ``storage`` for a command that only reads it: a missing SQLite file is an error, not created."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from difftune.errors import StoreError
+    from difftune.store import get_store, mask_url
+
+    url = _storage_url(storage)
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        parsed = None  # get_store reports a malformed URL in its own words
+    if parsed is not None and parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:" and not database.startswith("file:") and not Path(database).exists():
+            raise StoreError(
+                f"no database at {mask_url(url)}: run `difftune calibrate` first, or pass --storage "
+                "(or set DIFFTUNE_STORAGE) to the database that holds your studies"
+            )
+    return get_store(url)
+
+
+def _front_rows(store: Any, study: Any) -> tuple[list[Any], Any]:
+    """The trials of the latest recorded front of ``study`` (the live front when none is recorded)."""
+    front = store.latest_front(study.id)
+    if front is None:
+        return store.pareto_front(study.id), None
+    by_id = {t.id: t for t in store.list_trials(study.id)}
+    trials = [by_id[i] for i in front.trial_ids if i in by_id]
+    first = study.objectives[0]
+    sign = -1.0 if first.direction == "maximize" else 1.0
+    trials.sort(key=lambda t: (sign * (t.value(first.name) or 0.0), t.number))
+    return trials, front
+
+
+def _point_label(trial: Any) -> str:
+    return str((trial.config or {}).get("baseline") or "")
+
+
+def _front_table(study: Any, trials: list[Any], title: str | None = None) -> Any:
+    from rich.table import Table
+
+    names = [o.name for o in study.objectives]
+    extra = [n for n in ("latency_ms", "nfe") if n not in names]
+    table = Table(title=title or f"Pareto front of {study.name!r} ({study.space} space, {len(trials)} points)")
+    table.add_column("trial", justify="right")
+    table.add_column("baseline")
+    for objective in study.objectives:
+        arrow = "↑" if objective.direction == "maximize" else "↓"
+        table.add_column(f"{objective.name} {arrow}", justify="right", no_wrap=True)
+    for name in extra:
+        table.add_column(name, justify="right", no_wrap=True)
+    for trial in trials:
+        values = trial.values()
+        cells = [f"{values[n]:.4g}" if n in values else "" for n in (*names, *extra)]
+        table.add_row(str(trial.number), _point_label(trial), *cells)
+    return table
+
+
+def _select_hint(study: Any, trials: list[Any]) -> str:
+    """A --select expression that some point of the front satisfies, for the printed next commands."""
+    psnr = sorted((v for t in trials if (v := t.value("psnr")) is not None and v < 99), reverse=True)
+    if "speedup" in {o.name for o in study.objectives} and psnr:
+        bound = math.floor(psnr[len(psnr) // 2])
+        return f"fastest where psnr>={bound}"
+    return f"best {study.objectives[0].name}"
+
+
+@app.command()
+def calibrate(
+    model: Annotated[str, typer.Option(help="'embedded', a diffusers pipeline directory, or a cached hub id.")] = (
+        "embedded"
+    ),
+    space: Annotated[str, typer.Option(help="Search space: cache, solver, … (see difftune.spaces).")] = "cache",
+    budget: Annotated[
+        int, typer.Option(min=1, help="Finished trials the study must hold; rerunning with more resumes.")
+    ] = 24,
+    study: Annotated[str | None, typer.Option(help="Study name (default: MODEL-SPACE).")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Database URL (default: $DIFFTUNE_STORAGE or sqlite:///difftune.db).")
+    ] = None,
+    searcher: Annotated[str | None, typer.Option(help="nsga2, tpe, gp or random (default: the space's own).")] = None,
+    seed: Annotated[int, typer.Option(help="The searcher's seed.")] = 0,
+    steps: Annotated[int, typer.Option(min=2, help="num_inference_steps of the reference setting.")] = 20,
+    samples: Annotated[int, typer.Option(min=2, help="Calibration samples per trial.")] = 20,
+) -> None:
+    """Run or resume a study until it holds --budget finished trials; print its Pareto front."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from difftune.search.runner import RunProgress, default_study_name, run_study
+
+    name = study or default_study_name(model, space)
+    with Progress(
+        TextColumn("[bold]calibrating[/] {task.fields[study]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("trials · front {task.fields[front]} · {task.fields[last]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("trials", total=budget, study=name, front="–", last="preparing …")
+
+        def on_trial(event: RunProgress) -> None:
+            state = event.trial.state.value
+            bar.update(
+                task,
+                completed=min(event.finished, budget),
+                front=str(event.front_size),
+                last=f"{event.label}: {state}",
+            )
+
+        result = run_study(
+            model,
+            space,
+            budget=budget,
+            study=name,
+            storage=storage,
+            searcher=searcher,
+            seed=seed,
+            num_inference_steps=steps,
+            samples=samples,
+            progress=on_trial,
+        )
+        bar.update(task, completed=min(result.finished, budget), last="done")
+    console.print(_front_table(result.study, result.front))
+    failed = f", {result.failed} failed" if result.failed else ""
+    console.print(
+        f"study {result.study.name!r} holds {result.finished} finished trials ({result.new_trials} new{failed}) "
+        f"in {result.storage}"
+    )
+    where = f" --storage {storage}" if storage else ""
+    console.print("Next:")
+    console.print(f"  difftune fronts --study {name}{where}", highlight=False, soft_wrap=True)
+    console.print(
+        f'  difftune export --study {name}{where} --select "{_select_hint(result.study, result.front)}" '
+        "--out profile.json",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _front_json(study: Any, trials: list[Any], front: Any) -> dict[str, Any]:
+    return {
+        "study": study.name,
+        "space": study.space,
+        "searcher": study.searcher,
+        "status": study.status.value,
+        "objectives": [o.to_dict() for o in study.objectives],
+        "computed_at": None if front is None else front.computed_at.isoformat(),
+        "points": [
+            {
+                "trial": t.number,
+                "baseline": (t.config or {}).get("baseline"),
+                "params": t.params,
+                "metrics": {m.name: {"value": m.value, "unit": m.unit, "direction": m.direction} for m in t.metrics},
+            }
+            for t in trials
+        ],
+    }
+
+
+@app.command()
+def fronts(
+    study: Annotated[str | None, typer.Option(help="Only this study (default: every study).")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="Database URL (default: $DIFFTUNE_STORAGE or sqlite:///difftune.db).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Print the stored Pareto fronts as tables (or JSON)."""
+    import json
+
+    store = _open_existing_store(storage)
+    try:
+        studies = [store.get_study(study)] if study else store.list_studies()
+        out = []
+        for record in studies:
+            trials, front = _front_rows(store, record)
+            out.append((record, trials, front))
+    finally:
+        store.close()
+    if as_json:
+        print(json.dumps([_front_json(r, t, f) for r, t, f in out], indent=2))
+        return
+    if not out:
+        console.print(f"no studies in {store.url}; run `difftune calibrate` first")
+        return
+    for record, trials, front in out:
+        when = "live, not recorded yet" if front is None else f"recorded {front.computed_at:%Y-%m-%d %H:%M}"
+        title = f"{record.name} — {record.space} space, {record.searcher}, {len(trials)} points ({when})"
+        console.print(_front_table(record, trials, title=title))
+
+
+@app.command()
+def export(
+    study: Annotated[str, typer.Option(help="The study to export from.")],
+    select: Annotated[
+        str, typer.Option(help="Which Pareto point, e.g. 'fastest where psnr>=30' or 'best psnr where speedup>=2'.")
+    ],
+    out: Annotated[Path, typer.Option(help="Where to write the profile (JSON).")],
+    storage: Annotated[
+        str | None, typer.Option(help="Database URL (default: $DIFFTUNE_STORAGE or sqlite:///difftune.db).")
+    ] = None,
+) -> None:
+    """Write the profile of the Pareto point --select picks (nothing is written when none satisfies it)."""
+    import dataclasses
+    from datetime import UTC, datetime
+
+    from difftune.errors import StoreError
+    from difftune.profile import Profile
+    from difftune.store import parse_select, select_point
+
+    parse_select(select)  # a malformed expression fails before the database is opened
+    store = _open_existing_store(storage)
+    try:
+        record = store.get_study(study)
+        front = store.pareto_front(record.id)
+        point = select_point(front, select)
+        stored = (point.config or {}).get("profile")
+        if not isinstance(stored, dict):
+            raise StoreError(f"trial {point.number} of study {study!r} has no stored profile; it cannot be exported")
+        profile = Profile.from_dict(stored)
+        metrics = {m.name: {"value": m.value, "unit": m.unit, "direction": m.direction} for m in point.metrics}
+        provenance = {
+            **dict(profile.provenance),
+            "study": record.name,
+            "trial": point.number,
+            "select": select,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        name = profile.name or f"trial {point.number}"
+        profile = dataclasses.replace(profile, name=f"{record.name}: {name}", metrics=metrics, provenance=provenance)
+        written = profile.save(out)
+        store.save_profile(record.id, profile, trial_id=point.id, path=str(written.resolve()))
+    finally:
+        store.close()
+    values = point.values()
+    shown = ", ".join(f"{o.name}={values[o.name]:.4g}" for o in record.objectives if o.name in values)
+    console.print(f"wrote {out} (trial {point.number} of {record.name!r}: {shown})", highlight=False, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:

@@ -1,0 +1,119 @@
+"""The study runner: budget of finished trials, resume without duplicates, failed trials, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import difftune
+from difftune.errors import EvaluationError, SpaceError
+from difftune.search import run_study
+from difftune.store import TrialState, get_store
+
+TINY = {"samples": 2, "num_inference_steps": 6, "latency_repeats": 1}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_budget_is_finished_trials_and_a_rerun_resumes(tmp_path, embedded_pipe):
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    events = []
+    first = run_study(pipeline=embedded_pipe, budget=4, storage=url, study="s", progress=events.append, **TINY)
+    assert first.finished == 4 and first.new_trials == 4
+    assert [e.finished for e in events] == [1, 2, 3, 4] and all(e.budget == 4 for e in events)
+    assert first.front and all(t.state is TrialState.COMPLETE for t in first.front)
+
+    second = run_study(pipeline=embedded_pipe, budget=9, storage=url, study="s", **TINY)
+    assert second.finished == 9 and second.new_trials == 5
+
+    with get_store(url) as store:
+        trials = store.list_trials("s")
+        assert store.count_finished_trials("s") == 9 and len(trials) == 9
+        assert len(store.list_fronts("s")) == 2
+        assert store.get_study("s").status.value == "finished"
+    baselines = [t.config["baseline"] for t in trials if t.config and t.config.get("baseline")]
+    assert len(baselines) == len(set(baselines)) and "identity" in baselines
+    numbers = [t.config["optuna_number"] for t in trials if t.config["optuna_number"] is not None]
+    assert len(numbers) == len(set(numbers))
+    for trial in trials:
+        assert {"speedup", "psnr", "class_accuracy", "latency_ms", "nfe"} <= set(trial.values())
+        # the stored profile is a valid, deployable profile for this model
+        profile = difftune.load_profile(trial.config["profile"])
+        assert profile.model.fingerprint == difftune.describe(embedded_pipe).fingerprint
+
+    import optuna
+
+    optuna_study = optuna.load_study(study_name="difftune:s", storage=url)
+    told = [t for t in optuna_study.trials if t.state.is_finished()]
+    assert len(told) == len(numbers)
+
+
+def test_a_trial_that_raises_is_stored_failed_and_the_study_goes_on(tmp_path, embedded_pipe, monkeypatch):
+    import difftune.evaluators as evaluators
+
+    real = evaluators.evaluate
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise EvaluationError("the pipeline produced NaN in 2 of 2 images")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluators, "evaluate", flaky)
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    result = run_study(pipeline=embedded_pipe, budget=4, storage=url, study="f", **TINY)
+    assert result.finished == 4 and result.failed == 1
+    with get_store(url) as store:
+        failed = store.list_trials("f", TrialState.FAILED)
+        assert len(failed) == 1
+        assert failed[0].error == "EvaluationError: the pipeline produced NaN in 2 of 2 images"
+        assert failed[0].metrics == ()
+        assert store.count_trials("f", TrialState.COMPLETE) == 3
+    # the pipeline is left as it was found: no hooks from the failed trial
+    out = embedded_pipe(class_labels=[1], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert len(out.images) == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"space": "nope"}, "nope"),
+        ({"searcher": "annealing"}, "unknown searcher 'annealing'"),
+        ({"objectives": ["speedup", "psnr"]}, "distribution or conditioning metric"),
+        ({"objectives": ["speedup", "sharpness", "fid"]}, "unknown metric 'sharpness'"),
+    ],
+)
+def test_bad_input_leaves_the_database_unchanged(tmp_path, embedded_pipe, kwargs, message):
+    db = tmp_path / "d.db"
+    url = f"sqlite:///{db}"
+    run_study(pipeline=embedded_pipe, budget=1, storage=url, study="ok", **TINY)
+    before = _digest(db)
+    with pytest.raises(difftune.DifftuneError, match=message):
+        run_study(pipeline=embedded_pipe, budget=3, storage=url, study="ok", **{**TINY, **kwargs})
+    assert _digest(db) == before
+
+
+def test_resuming_with_other_objectives_is_refused(tmp_path, embedded_pipe):
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    run_study(pipeline=embedded_pipe, budget=1, storage=url, study="o", **TINY)
+    with pytest.raises(difftune.StoreError, match="cannot resume study 'o'"):
+        run_study(pipeline=embedded_pipe, budget=2, storage=url, study="o", objectives=["speedup", "fid"], **TINY)
+
+
+def test_budget_must_be_positive():
+    with pytest.raises(SpaceError, match="budget"):
+        run_study(budget=0)
