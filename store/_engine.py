@@ -135,6 +135,9 @@ def _hint(exc: BaseException, detail: str) -> str:
     if isinstance(exc, IntegrityError):
         return "a row conflicts with one already stored; reload and retry"
     if isinstance(exc, DBAPIError):
+        server = _server_hint(exc, detail)
+        if server:
+            return server
         if "locked" in lowered or "busy" in lowered:
             return (
                 "another process held the write lock longer than the busy timeout; retry, or use PostgreSQL "
@@ -151,10 +154,51 @@ def _hint(exc: BaseException, detail: str) -> str:
     return f"see the database's message; check the URL (--storage or ${ENV_VAR}) and retry"
 
 
+# Connection failures of a database server (psycopg / libpq and psycopg2 wording).
+_UNREACHABLE = (
+    "connection refused",
+    "could not connect",
+    "failed to resolve host",
+    "could not translate host name",
+    "name or service not known",
+    "no route to host",
+    "network is unreachable",
+    "timeout expired",
+    "timed out",
+    "no such file or directory",  # a Unix socket that is not there: no local server
+    "server closed the connection",
+    "the database system is starting up",
+    "the database system is shutting down",
+)
+
+
+def _server_hint(exc: BaseException, detail: str) -> str | None:
+    """What to do when connecting to a database server (PostgreSQL, MySQL) failed, or ``None``."""
+    lowered = detail.lower()
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return "the connection to the database server was lost; check that it is running and retry"
+    if "password authentication failed" in lowered or "access denied" in lowered:
+        return f"the server refused the user or password in the URL; fix them (--storage or ${ENV_VAR})"
+    if re.search(r'role "[^"]*" does not exist', lowered):
+        return "no such user on the server; create it (CREATE ROLE … LOGIN PASSWORD …) or fix the URL"
+    match = re.search(r'database "([^"]*)" does not exist', detail, re.I) or re.search(
+        r"unknown database '([^']*)'", detail, re.I
+    )
+    if match:
+        return f"the server has no database {match.group(1)!r}; create it (createdb {match.group(1)}) or fix the URL"
+    if any(marker in lowered for marker in _UNREACHABLE):
+        return (
+            "no database server answers at that host and port; start it (e.g. sudo pg_ctlcluster <version> main "
+            f"start, or systemctl start postgresql) or fix the host/port in the URL (--storage or ${ENV_VAR})"
+        )
+    return None
+
+
 def store_error(exc: BaseException, url: str | URL, action: str) -> StoreError:
     """A one-line :class:`StoreError`: what failed, on which URL (password masked), why, what to do."""
     detail = _first_line(exc)
     password = _password(url)
     if password:
-        detail = detail.replace(password, "***")
+        # Whole occurrences only: a password "x" must not turn "exist" into "e***ist".
+        detail = re.sub(rf"(?<!\w){re.escape(password)}(?!\w)", "***", detail)
     return StoreError(f"{action} {mask_url(url)}: {detail} — {_hint(exc, detail)}")

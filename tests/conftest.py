@@ -1,7 +1,18 @@
 from __future__ import annotations
 
+import os
+import secrets
+from collections.abc import Iterator
+from typing import NoReturn
+
 import pytest
 import torch
+
+#: Set to a PostgreSQL URL (e.g. postgresql+psycopg://difftune:difftune@127.0.0.1/difftune_test) to run the
+#: PostgreSQL tests. The role needs CREATEDB: each test gets a fresh database on that server, dropped afterwards.
+POSTGRES_ENV = "DIFFTUNE_TEST_POSTGRES_URL"
+#: Set to 1 (as .ci/run does) to make a missing PostgreSQL URL, driver or server an error instead of a skip.
+REQUIRE_POSTGRES_ENV = "CI_REQUIRE_POSTGRES"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -27,3 +38,56 @@ def classifier():
     from difftune.models.embedded import load_classifier
 
     return load_classifier()
+
+
+def _postgres_unavailable(reason: str) -> NoReturn:
+    if os.environ.get(REQUIRE_POSTGRES_ENV) == "1":
+        pytest.fail(f"{reason} (and ${REQUIRE_POSTGRES_ENV}=1: PostgreSQL is required)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """The URL of a fresh, empty PostgreSQL database on the server of $DIFFTUNE_TEST_POSTGRES_URL, dropped afterwards.
+
+    Skips when the variable is unset, psycopg is missing or the server is unreachable, unless
+    $CI_REQUIRE_POSTGRES=1, which makes each of those an error.
+    """
+    url = os.environ.get(POSTGRES_ENV)
+    if not url:
+        _postgres_unavailable(f"set {POSTGRES_ENV}=postgresql+psycopg://user:password@host/db to test PostgreSQL")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        _postgres_unavailable("pip install 'psycopg[binary]' to test PostgreSQL")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.pool import NullPool
+
+    server = make_url(url)
+    name = f"difftune_t_{secrets.token_hex(6)}"
+    admin = create_engine(server, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    try:
+        with admin.connect() as connection:
+            version = connection.dialect.server_version_info or (0,)
+            connection.execute(text(f'CREATE DATABASE "{name}"'))
+    except SQLAlchemyError as exc:
+        admin.dispose()
+        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        _postgres_unavailable(
+            f"cannot create a test database on {server.render_as_string(hide_password=True)}: {detail}"
+        )
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            if version >= (13,):
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            else:  # pragma: no cover - PostgreSQL 12 and older
+                connection.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                    {"name": name},
+                )
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()

@@ -41,7 +41,35 @@ def test_unreachable_server_masks_the_password() -> None:
     message = _one_line_error("postgresql+psycopg://tuner:s3cret-pw@127.0.0.1:1/difftune")
     assert "s3cret-pw" not in message
     assert "postgresql+psycopg://tuner:***@127.0.0.1:1/difftune" in message
-    assert "pip install 'psycopg[binary]'" in message or "reachable" in message
+    assert "pip install 'psycopg[binary]'" in message or "no database server answers" in message
+
+
+def test_short_password_masks_whole_words_only() -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from difftune.store._engine import store_error
+
+    exc = OperationalError("connect", {}, Exception('FATAL:  role "nobody" does not exist'))
+    message = str(store_error(exc, "postgresql+psycopg://nobody:x@127.0.0.1:5432/db", "cannot open storage"))
+    assert 'role "nobody" does not exist' in message  # not "e***ist"
+    assert "postgresql+psycopg://nobody:***@127.0.0.1:5432/db" in message
+    assert "no such user" in message
+
+
+def test_postgresql_wrong_password_and_missing_database(postgres_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(postgres_url)
+    wrong = url.set(password="wrong-s3cret").render_as_string(hide_password=False)
+    try:
+        Store(wrong).close()  # a server that trusts local connections accepts any password
+    except StoreError as exc:
+        message = str(exc)
+        assert "wrong-s3cret" not in message and ":***@" in message and "\n" not in message
+        assert "refused the user or password" in message
+    missing = url.set(database=f"{url.database}_missing").render_as_string(hide_password=False)
+    message = _one_line_error(missing)
+    assert f"has no database '{url.database}_missing'" in message and f"createdb {url.database}_missing" in message
 
 
 def test_missing_directory(tmp_path: Path) -> None:

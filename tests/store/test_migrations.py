@@ -1,4 +1,7 @@
-"""Alembic migrations: they build exactly the models' schema, beside Optuna's tables, without alembic.ini."""
+"""Alembic migrations: they build exactly the models' schema, beside Optuna's tables, without alembic.ini.
+
+Every test taking ``db`` runs on SQLite and on PostgreSQL (when $DIFFTUNE_TEST_POSTGRES_URL is set).
+"""
 
 from __future__ import annotations
 
@@ -19,8 +22,12 @@ from difftune.store._models import Base
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> str:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database: a SQLite file, or a fresh PostgreSQL database (see tests/conftest.py)."""
+    if request.param == "postgresql":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
     return f"sqlite:///{tmp_path / 'schema.db'}"
 
 
@@ -44,8 +51,11 @@ def _reflected_schema(url: str) -> dict[str, Any]:
                 continue
             schema[table] = {
                 "columns": {c["name"]: (_broad_type(c["type"]), c["nullable"]) for c in inspector.get_columns(table)},
+                # PostgreSQL also lists the index behind each unique constraint; those are in "unique".
                 "indexes": {
-                    (i["name"], tuple(i["column_names"]), bool(i["unique"])) for i in inspector.get_indexes(table)
+                    (i["name"], tuple(i["column_names"]), bool(i["unique"]))
+                    for i in inspector.get_indexes(table)
+                    if not i.get("duplicates_constraint")
                 },
                 "unique": {tuple(u["column_names"]) for u in inspector.get_unique_constraints(table)},
                 "foreign_keys": {
@@ -76,8 +86,8 @@ def _model_schema() -> dict[str, Any]:
 
 def test_upgrade_builds_exactly_the_models_schema(db: str) -> None:
     assert current_revision(db) is None
-    assert upgrade(db) == head_revision() == "v0.1.0.a"
-    assert current_revision(db) == "v0.1.0.a"
+    assert upgrade(db) == head_revision() == "v0.2.0.a"
+    assert current_revision(db) == "v0.2.0.a"
     assert _reflected_schema(db) == _model_schema()
     engine = _engine(db)
     try:
