@@ -14,6 +14,7 @@ Every method returns frozen records (:class:`TrialRecord`, …), never ORM rows,
 
 from __future__ import annotations
 
+from difftune.store._claims import INTERRUPTED, Candidate, Claim
 from difftune.store._engine import DEFAULT_URL, ENV_VAR, default_url, mask_url
 from difftune.store._migrate import VERSION_TABLE, current_revision, head_revision, upgrade
 from difftune.store._pareto import hypervolume, non_dominated
@@ -42,8 +43,11 @@ __all__ = [
     "DEFAULT_URL",
     "ENV_VAR",
     "HELD_OUT",
+    "INTERRUPTED",
     "METRICS",
     "VERSION_TABLE",
+    "Candidate",
+    "Claim",
     "Constraint",
     "Direction",
     "FrontRecord",

@@ -114,6 +114,8 @@ class StudyModel(Base):
     optuna_study_name: Mapped[str | None] = mapped_column(String(512), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     status: Mapped[str] = mapped_column(String(16))
+    #: finished trials the study must hold (workers stop there); None: no limit
+    budget: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     __table_args__ = (CheckConstraint("status IN ('running', 'finished', 'stopped')", name="status"),)
 
@@ -134,11 +136,15 @@ class TrialModel(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     worker_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: what a worker claimed this trial as ("baseline:fora_3", "retry:17"); unique within a study
+    claim: Mapped[str | None] = mapped_column(String(256), nullable=True)
 
     __table_args__ = (
         UniqueConstraint("study_id", "number"),
         # Listing and counting a study's trials by state; on SQLite it also covers the id.
         Index("ix_difftune_trials_study_id_state", "study_id", "state"),
+        # A baseline or a retry is claimed once per study (NULL claims — searched trials — repeat).
+        Index("uq_difftune_trials_study_id_claim", "study_id", "claim", unique=True),
         CheckConstraint("state IN ('running', 'complete', 'failed', 'pruned')", name="state"),
     )
 

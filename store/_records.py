@@ -248,6 +248,7 @@ class StudyRecord:
     optuna_study_name: str | None
     created_at: datetime
     status: StudyStatus
+    budget: int | None = None
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from difftune.errors import StoreError
+from difftune.store._claims import ClaimsMixin
 from difftune.store._engine import WRITE_OPTION, default_url, make_engine, mask_url, store_error
 from difftune.store._migrate import ensure_schema
 from difftune.store._models import (
@@ -109,6 +110,7 @@ def _study_record(row: StudyModel) -> StudyRecord:
         optuna_study_name=row.optuna_study_name,
         created_at=row.created_at,
         status=StudyStatus(row.status),
+        budget=row.budget,
     )
 
 
@@ -158,7 +160,7 @@ _METRIC_COLUMNS = (
 )
 
 
-class Store:
+class Store(ClaimsMixin):
     """difftune's database: models, studies, trials with their metrics, fronts, profiles, images.
 
     Args:
