@@ -42,7 +42,7 @@ import torch
 from difftune.errors import EvaluationError
 
 from .calibration import Sample, check_call_kwargs, generate
-from .latency import measure_ab, peak_memory_mb
+from .latency import ABResult, measure, measure_ab, peak_memory_mb
 from .metrics import BoundMetric, EvalBatch, MetricContext, build_metric, metric_spec
 from .reference import Reference
 
@@ -80,17 +80,30 @@ class LatencyOptions:
         warmup: untimed calls of each side first.
         repeats: timed calls of each side, alternated (a, b, b, a, …); the median is reported.
         batch_size: samples in the timed call (the first ones); None: the evaluation batch size.
+        statistic: ``speedup`` as the ratio of the sides' ``"median"`` (default) or ``"min"`` repeat,
+            or ``"paired"``: the median ratio of runs taken back to back, which resists other
+            processes sharing the CPU (``latency_ms`` is then the fastest repeat).
+        reuse_reference: time the reference with one run per evaluation and take its statistic over
+            every run so far (:meth:`Reference.latency`), instead of ``repeats`` runs alternating with
+            the trial's — a study's trials then cost a fraction of a long reference setting's time.
+            Use it with ``statistic="min"``.
     """
 
     warmup: int = 1
     repeats: int = 5
     batch_size: int | None = None
+    statistic: str = "median"
+    reuse_reference: bool = False
 
     def __post_init__(self) -> None:
         if self.warmup < 0 or self.repeats < 1:
             raise EvaluationError(f"LatencyOptions: warmup >= 0 and repeats >= 1, got {self.warmup}, {self.repeats}")
         if self.batch_size is not None and self.batch_size < 1:
             raise EvaluationError(f"LatencyOptions.batch_size must be >= 1, got {self.batch_size}")
+        if self.statistic not in ("median", "min", "paired"):
+            raise EvaluationError(
+                f"LatencyOptions.statistic must be 'median', 'min' or 'paired', got {self.statistic!r}"
+            )
 
 
 class DenoiserCalls:
@@ -277,7 +290,14 @@ def _evaluate(
         results["flops_ratio"] = _check_value("flops_ratio", flops / ref_flops)
 
     timed = samples[: latency.batch_size or batch_size]
-    if "latency_ms" in names or "speedup" in names:
+    ab: ABResult | None = None
+    if ("latency_ms" in names or "speedup" in names) and latency.reuse_reference:
+        ref_latency = reference.latency(timed, warmup=latency.warmup, repeats=latency.repeats, device=device)
+        own = measure(
+            lambda: generate(pipe, timed, kwargs), warmup=latency.warmup, repeats=latency.repeats, device=device
+        )
+        ab = ABResult(ref_latency, own)
+    elif "latency_ms" in names or "speedup" in names:
         ab = measure_ab(
             reference.runner(timed),
             lambda: generate(pipe, timed, kwargs),
@@ -285,10 +305,10 @@ def _evaluate(
             repeats=latency.repeats,
             device=device,
         )
-        if "latency_ms" in names:
-            results["latency_ms"] = _check_value("latency_ms", ab.b.median_ms)
-        if "speedup" in names:
-            results["speedup"] = _check_value("speedup", ab.speedup)
+    if ab is not None and "latency_ms" in names:
+        results["latency_ms"] = _check_value("latency_ms", ab.b.statistic(latency.statistic))
+    if ab is not None and "speedup" in names:
+        results["speedup"] = _check_value("speedup", ab.speedup_by(latency.statistic))
     if "peak_memory_mb" in names:
         # On the CPU there is no per-call peak to read, so the pipeline is not run again for nothing.
         results["peak_memory_mb"] = (

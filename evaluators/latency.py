@@ -7,6 +7,7 @@ is what a benchmark should print.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -20,13 +21,22 @@ __all__ = ["ABResult", "Latency", "measure", "measure_ab", "peak_memory_mb"]
 
 @dataclass(frozen=True)
 class Latency:
-    """Median and spread of repeated timings, in milliseconds."""
+    """Median and spread of repeated timings, in milliseconds (``min_ms``: the fastest repeat)."""
 
     median_ms: float
     p10_ms: float
     p90_ms: float
     repeats: int
     device: str
+    min_ms: float = math.nan
+
+    def statistic(self, name: str) -> float:
+        """``"median"`` or ``"min"`` of the repeats (``"paired"``, a ratio statistic, reports the min)."""
+        if name == "median":
+            return self.median_ms
+        if name in ("min", "paired"):
+            return self.min_ms
+        raise ValueError(f"latency statistic must be 'median', 'min' or 'paired', got {name!r}")
 
     @classmethod
     def from_samples(cls, samples_ms: list[float], device: str) -> Latency:
@@ -35,7 +45,7 @@ class Latency:
         def q(p: float) -> float:
             return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
 
-        return cls(statistics.median(ordered), q(0.1), q(0.9), len(ordered), device)
+        return cls(statistics.median(ordered), q(0.1), q(0.9), len(ordered), device, ordered[0])
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
@@ -75,6 +85,9 @@ class ABResult:
 
     a: Latency
     b: Latency
+    #: the raw timings in the order they were taken: ``a_ms[i]`` and ``b_ms[i]`` ran back to back
+    a_ms: tuple[float, ...] = ()
+    b_ms: tuple[float, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -82,8 +95,21 @@ class ABResult:
 
     @property
     def speedup(self) -> float:
-        """How many times faster b is than a."""
+        """How many times faster b is than a (medians)."""
         return self.a.median_ms / self.b.median_ms
+
+    def speedup_by(self, statistic: str) -> float:
+        """How many times faster b is than a: by ``"median"`` or ``"min"`` of each side's repeats, or
+        ``"paired"``: the median of the ratios of runs taken back to back.
+
+        On a CPU shared with other work, load changes within seconds; a ratio of two runs taken back
+        to back sees the same load on both sides, so the median paired ratio is the robust estimate
+        there (the fastest repeat of each side can catch quiet moments on one side only). On a
+        dedicated GPU all three agree.
+        """
+        if statistic == "paired" and self.a_ms and len(self.a_ms) == len(self.b_ms):
+            return statistics.median(a / b for a, b in zip(self.a_ms, self.b_ms, strict=True))
+        return self.a.statistic(statistic) / self.b.statistic(statistic)
 
 
 def measure_ab(
@@ -106,7 +132,9 @@ def measure_ab(
         order = ((fn_a, a_ms), (fn_b, b_ms)) if i % 2 == 0 else ((fn_b, b_ms), (fn_a, a_ms))
         for fn, out in order:
             out.append(timer(fn))
-    return ABResult(Latency.from_samples(a_ms, str(dev)), Latency.from_samples(b_ms, str(dev)))
+    return ABResult(
+        Latency.from_samples(a_ms, str(dev)), Latency.from_samples(b_ms, str(dev)), tuple(a_ms), tuple(b_ms)
+    )
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: str | torch.device = "cpu") -> float | None:

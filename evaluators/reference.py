@@ -219,6 +219,7 @@ class Reference:
         #: Pipeline calls this reference has made (images computed, FLOPs counted, latency runs).
         self.pipeline_calls = 0
         self._flops: dict[tuple[str, ...], int] = {}
+        self._latency: dict[tuple[Any, ...], list[float]] = {}
 
     @classmethod
     def from_pipeline(
@@ -281,6 +282,27 @@ class Reference:
             self.pipeline_calls += 1
             self._flops[key] = count_flops(lambda: generate(self.pipe, samples, self.setting.call_kwargs))
         return self._flops[key]
+
+    def latency(self, samples: Sequence[Sample], *, warmup: int, repeats: int, device: Any = "cpu") -> Any:
+        """:class:`~difftune.evaluators.latency.Latency` of the reference on ``samples``, over every timing
+        of this batch so far: the first call warms up and times ``repeats`` runs, each later call adds
+        one run. A study calls it once per trial, so the reference is re-timed alongside the trials
+        (its fastest time tracks the machine) at the cost of one reference run per trial instead of
+        ``repeats`` alternating ones."""
+        from .latency import Latency, _timer
+
+        dev = torch.device(device)
+        key = (tuple(s.key for s in samples), str(dev))
+        run = self.runner(samples)
+        timer = _timer(dev)
+        times = self._latency.get(key)
+        if times is None:
+            for _ in range(warmup):
+                run()
+            times = self._latency[key] = [timer(run) for _ in range(max(1, repeats))]
+        else:
+            times.append(timer(run))
+        return Latency.from_samples(list(times), str(dev))
 
     def runner(self, samples: Sequence[Sample]) -> Callable[[], Any]:
         """A zero-argument callable running the reference on ``samples`` (for latency measurements)."""
