@@ -1,0 +1,115 @@
+"""The ``joint`` space: a solver schedule and, optionally, a cache schedule on its steps.
+
+Fewer steps (the ``solver`` space) and cheaper steps (the ``cache`` space) compound: a point of this
+space is a USF schedule of ``nfe`` evaluations plus, when ``use_cache`` is on, a structured cache
+mask of ``nfe`` steps × blocks × components over those evaluations. The variables are the two
+spaces' own (their names do not collide) plus ``use_cache``; the cache variables' ranges are those
+of the largest NFE and are clamped to the point's NFE by :meth:`JointSpace.repair`.
+
+    >>> space = get_space("joint")
+    >>> context = SpaceContext.from_pipeline(pipe, num_inference_steps=50, nfe_range=(3, 12))
+    >>> sections = space.decode({"nfe": 5, "grid": "leading", "use_cache": True, "interval_0": 2}, context)
+    >>> sorted(sections)   # {'solver': SolverSchedule(5 steps), 'cache': CacheMaskConfig(5 × 6 × 2)}
+    ['cache', 'solver']
+
+Baselines: every ``solver`` baseline (DPM-Solver++, UniPC, DDIM at each NFE, best spacing; no
+cache) and every ``cache`` baseline at the reference's ``num_inference_steps`` (FORA, DeepCache,
+FirstBlockCache on the pipeline's own scheduler) — so a joint front is drawn against both kinds of
+hand-made settings. Default searcher: TPE (mixed, conditional variables).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from difftune.errors import SpaceError
+
+from ._base import NamedPoint, Space, SpaceContext, Variable, register_space
+from .cache import CacheSpace
+from .solver import SolverSpace
+
+__all__ = ["JointSpace"]
+
+
+@register_space("joint")
+class JointSpace(Space):
+    """A USF solver schedule plus an optional cache mask over its steps (see the module docstring)."""
+
+    default_searcher = "tpe"
+    sections = ("solver", "cache")
+
+    def __init__(self) -> None:
+        self.solver = SolverSpace()
+        self.cache = CacheSpace()
+
+    def _cache_context(self, context: SpaceContext, steps: int | None = None) -> SpaceContext:
+        return context.replace(num_inference_steps=steps if steps is not None else context.nfe_range[1])
+
+    def _split(self, params: Mapping[str, Any], context: SpaceContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        solver_names = {v.name for v in self.solver.variables(context)}
+        cache_names = {v.name for v in self.cache.variables(self._cache_context(context))}
+        solver = {k: v for k, v in params.items() if k in solver_names}
+        cache = {k: v for k, v in params.items() if k in cache_names}
+        return solver, cache
+
+    def variables(self, context: SpaceContext) -> list[Variable]:
+        if context.nfe_range[1] < 2:
+            raise SpaceError(f"space 'joint': needs an NFE range reaching at least 2, got {context.nfe_range}")
+        return [
+            *self.solver.variables(context),
+            Variable("use_cache", "bool", default=False, help="reuse cached block outputs between the evaluations"),
+            *self.cache.variables(self._cache_context(context)),
+        ]
+
+    def _repair(self, params: dict[str, Any], context: SpaceContext) -> list[str]:
+        solver, cache = self._split(params, context)
+        fixed = self.solver.repair(solver, context)
+        params.update(fixed.params)
+        changes = list(fixed.changes)
+        n = int(params["nfe"])
+        if params["use_cache"] and n < 2:
+            params["use_cache"] = False
+            changes.append(f"use_cache: {n} evaluation(s) leave nothing to reuse; set to False")
+        if params["use_cache"]:
+            repaired = self.cache.repair(cache, self._cache_context(context, n))
+            params.update(repaired.params)
+            changes += [f"{c} (at nfe {n})" for c in repaired.changes]
+        return changes
+
+    def _decode(self, params: Mapping[str, Any], context: SpaceContext) -> dict[str, Any]:
+        solver, cache = self._split(params, context)
+        sections = dict(self.solver._decode(solver, context))
+        if params["use_cache"]:
+            n = int(params["nfe"])
+            sections.update(self.cache._decode(cache, self._cache_context(context, n)))
+        return sections
+
+    def encode(self, sections: Mapping[str, Any], context: SpaceContext) -> dict[str, Any]:
+        """Parameters of a solver schedule (and a cache mask over its steps, if given)."""
+        extra = sorted(k for k, v in sections.items() if k not in ("solver", "cache") and v is not None)
+        if extra:
+            raise SpaceError(f"space 'joint' encodes only the solver and cache sections, got {extra}")
+        if sections.get("solver") is None:
+            raise SpaceError("space 'joint': a point always has a solver schedule")
+        params = self.default_params(context)
+        params.update(self.solver.encode({"solver": sections["solver"]}, context))
+        cache = sections.get("cache")
+        params["use_cache"] = cache is not None
+        if cache is not None:
+            n = int(params["nfe"])
+            params.update(self.cache.encode({"cache": cache}, self._cache_context(context, n)))
+        return params
+
+    def baselines(self, context: SpaceContext) -> list[NamedPoint]:
+        """The solver space's baselines (no cache) and the cache space's (on the pipeline's own scheduler)."""
+        out = []
+        defaults = self.default_params(context)
+        for point in self.solver.baselines(context):
+            params = None if point.params is None else {**defaults, **point.params, "use_cache": False}
+            out.append(NamedPoint(point.name, point.sections, params, point.description))
+        for point in self.cache.baselines(context):
+            if point.name == "identity":
+                continue  # the reference setting itself: no faster, nothing to compare
+            out.append(NamedPoint(point.name, point.sections, None, point.description))
+        return out

@@ -1,0 +1,205 @@
+"""The ``joint`` space: contract, variables of both spaces, cache masks over the solver's steps, baselines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from difftune.accel.cache import CacheMaskConfig
+from difftune.accel.first_block_cache import FirstBlockCacheConfig
+from difftune.accel.solver import SolverSchedule
+from difftune.errors import SpaceError
+from difftune.spaces import CacheSpace, JointSpace, SolverSpace, SpaceContext, get_space, to_profile
+
+from .contract import SpaceContract
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+NFE_MAX = 8
+
+
+class TestJointSpace(SpaceContract):
+    space_name = "joint"
+
+    @classmethod
+    def make_context(cls, pipe: Any) -> SpaceContext:
+        # Few NFEs and steps keep "run every baseline" cheap; spacings are the scheduler's own (no measuring).
+        return SpaceContext.from_pipeline(pipe, num_inference_steps=6, nfe_range=(3, 5), keep_pipeline=False)
+
+    def assert_same(self, a, b) -> None:
+        assert set(a) == set(b)
+        x, y = a["solver"], b["solver"]
+        assert x.steps == y.steps
+        np.testing.assert_allclose(x.timesteps, y.timesteps, rtol=0, atol=2e-4)
+        assert a.get("cache") == b.get("cache")
+
+
+@pytest.fixture(scope="module")
+def context(embedded_pipe) -> SpaceContext:
+    return SpaceContext.from_pipeline(
+        embedded_pipe, num_inference_steps=20, nfe_range=(2, NFE_MAX), keep_pipeline=False
+    )
+
+
+@pytest.fixture(scope="module")
+def space() -> JointSpace:
+    space = get_space("joint")
+    assert isinstance(space, JointSpace)
+    return space
+
+
+def _point(space: JointSpace, context: SpaceContext, **params: Any) -> dict[str, Any]:
+    return {**space.default_params(context), **params}
+
+
+def _cache_only(params: dict[str, Any], context: SpaceContext) -> dict[str, Any]:
+    names = {v.name for v in CacheSpace().variables(context)}
+    return {k: v for k, v in params.items() if k in names}
+
+
+def test_variables_are_the_solvers_then_use_cache_then_the_caches_at_the_largest_nfe(space, context):
+    names = [v.name for v in space.variables(context)]
+    solver = [v.name for v in SolverSpace().variables(context)]
+    cache_vars = CacheSpace().variables(context.replace(num_inference_steps=NFE_MAX))
+    assert names == [*solver, "use_cache", *(v.name for v in cache_vars)]
+    assert len(names) == len(set(names)) == 10 + NFE_MAX + 1 + 2 * (2 + 2) + 1
+    by_name = {v.name: v for v in space.variables(context)}
+    assert by_name["use_cache"].kind == "bool" and by_name["use_cache"].default is False
+    # ranges of the largest NFE (8 steps), not of num_inference_steps (20)
+    assert by_name["warmup_0"].high == NFE_MAX // 2 == 4
+    assert by_name["interval_1"].high == NFE_MAX - 1 == 7
+    assert (by_name["nfe"].low, by_name["nfe"].high) == (2, NFE_MAX)
+    with pytest.raises(SpaceError, match="at least 2"):
+        space.variables(context.replace(nfe_range=(1, 1)))
+
+
+def test_decode_without_cache_is_the_solver_schedule_alone(space, context):
+    for nfe in (2, 5, NFE_MAX):
+        params = _point(space, context, nfe=nfe, use_cache=False, interval_0=3)
+        sections = space.decode(params, context)
+        assert set(sections) == {"solver"}
+        schedule = sections["solver"]
+        assert isinstance(schedule, SolverSchedule)
+        assert len(schedule.timesteps) == len(schedule.steps) == nfe
+        solver_params = {k: v for k, v in params.items() if k in {v.name for v in SolverSpace().variables(context)}}
+        assert schedule == SolverSpace().decode(solver_params, context)["solver"]
+
+
+@pytest.mark.parametrize("nfe", [2, 3, 5, NFE_MAX])
+def test_decode_with_cache_is_a_mask_over_the_nfe_steps(space, context, nfe):
+    params = _point(space, context, nfe=nfe, use_cache=True, interval_0=2, interval_1=3, cache_1_ff=False)
+    sections = space.decode(params, context)
+    assert set(sections) == {"solver", "cache"}
+    mask = sections["cache"]
+    assert isinstance(mask, CacheMaskConfig)
+    assert mask.array.shape == (nfe, 6, 2) == context.info.mask_shape(nfe)
+    assert len(sections["solver"].timesteps) == nfe == mask.num_steps
+    own = CacheSpace().decode(_cache_only(params, context), context.replace(num_inference_steps=nfe))["cache"]
+    np.testing.assert_array_equal(mask.array, own.array)
+    # by hand: group 0 (blocks 0-2) recomputes every 2nd step; group 1's attn1 every 3rd (capped to the
+    # nfe's largest interval, max(2, min(nfe - 1, 10))), its ff (not cached) every step
+    interval_1 = min(3, max(2, nfe - 1))
+    every_2nd = [i % 2 == 0 for i in range(nfe)]
+    every_3rd = [i % interval_1 == 0 for i in range(nfe)]
+    for block in range(3):
+        for k in range(2):
+            assert mask.array[:, block, k].tolist() == every_2nd
+    for block in range(3, 6):
+        assert mask.array[:, block, 0].tolist() == every_3rd
+        assert mask.array[:, block, 1].all()
+
+
+def test_repair_clamps_the_cache_to_the_points_nfe_and_is_idempotent(space, context):
+    params = _point(space, context, nfe=4, use_cache=True, warmup_0=4, interval_1=7, refresh=5)
+    repaired = space.repair(params, context)
+    assert repaired.params["warmup_0"] == 4 // 2  # 4 was within the variable's range (8 // 2) but not nfe 4's
+    assert repaired.params["interval_1"] == 3  # max(2, min(4 - 1, 10))
+    assert repaired.params["refresh"] == 3
+    assert any("warmup_0" in c and "(at nfe 4)" in c for c in repaired.changes)
+    assert space.repair(repaired.params, context).changes == ()
+    assert space.repair(repaired.params, context).params == repaired.params
+    # without the cache the cache variables only keep the largest NFE's ranges
+    off = space.repair(_point(space, context, nfe=4, use_cache=False, warmup_0=4), context)
+    assert off.params["warmup_0"] == 4 and off.changes == ()
+    # above the range: clamped to the largest NFE first, then to the point's
+    wild = space.repair(_point(space, context, nfe=3, use_cache=True, warmup_1=99), context)
+    assert wild.params["warmup_1"] == 1
+    assert space.repair(wild.params, context).changes == ()
+
+
+def test_random_points_are_valid_and_their_profile_has_nfe_steps(space, context):
+    rng = np.random.default_rng(7)
+    variables = {v.name: v for v in space.variables(context)}
+    with_cache = 0
+    for _ in range(60):
+        params = space.sample(context, rng)
+        repaired = space.repair(params, context).params
+        assert all(variables[k].contains(v) for k, v in repaired.items())
+        assert space.repair(repaired, context).changes == ()
+        sections = space.decode(params, context)
+        nfe = int(repaired["nfe"])
+        assert set(sections) == ({"solver", "cache"} if repaired["use_cache"] else {"solver"})
+        assert len(sections["solver"].timesteps) == nfe
+        if repaired["use_cache"]:
+            with_cache += 1
+            mask = sections["cache"].array
+            assert mask.shape == (nfe, 6, 2)
+            assert mask[0].all() and not mask.all()  # step 0 computes; something is reused
+        assert to_profile(sections, context, name="p").context.num_inference_steps == nfe
+    assert 10 < with_cache < 50
+
+
+def test_encode_of_a_decoded_point_decodes_back_to_the_same_sections(space, context):
+    rng = np.random.default_rng(11)
+    seen = {True: 0, False: 0}
+    for _ in range(40):
+        sections = space.decode(space.sample(context, rng), context)
+        try:
+            params = space.encode(sections, context)
+        except SpaceError:
+            continue
+        seen["cache" in sections] += 1
+        assert params["use_cache"] is ("cache" in sections)
+        TestJointSpace().assert_same(space.decode(params, context), sections)
+    assert seen[True] >= 5 and seen[False] >= 5
+    # a hand-made point with a cache
+    sections = space.decode(_point(space, context, nfe=6, use_cache=True, interval_0=3, warmup_1=2), context)
+    TestJointSpace().assert_same(space.decode(space.encode(sections, context), context), sections)
+
+
+def test_encode_refuses_what_is_not_a_joint_point(space, context):
+    sections = space.decode(_point(space, context, nfe=4, use_cache=True), context)
+    with pytest.raises(SpaceError, match="always has a solver"):
+        space.encode({"cache": sections["cache"]}, context)
+    with pytest.raises(SpaceError, match="sparsity"):
+        space.encode({**sections, "sparsity": object()}, context)
+    wrong_steps = space.decode(_point(space, context, nfe=5, use_cache=True), context)["cache"]
+    with pytest.raises(SpaceError, match="mask shape"):
+        space.encode({"solver": sections["solver"], "cache": wrong_steps}, context)
+
+
+def test_baselines_are_the_solvers_without_cache_and_the_caches_without_params(space, context):
+    points = space.baselines(context)
+    by_name = {p.name: p for p in points}
+    assert len(by_name) == len(points)
+    solver_points = SolverSpace().baselines(context)
+    assert len(solver_points) == 3 * (NFE_MAX - 2 + 1)
+    for expected in solver_points:
+        point = by_name[expected.name]
+        assert point.sections == expected.sections and set(point.sections) == {"solver"}
+        assert point.params is not None and point.params["use_cache"] is False
+        assert set(point.params) == {v.name for v in space.variables(context)}
+        decoded = space.decode(point.params, context)
+        assert set(decoded) == {"solver"}
+        TestJointSpace().assert_same(decoded, point.sections)
+    cache_names = [p.name for p in CacheSpace().baselines(context) if p.name != "identity"]
+    assert cache_names == ["fora_2", "fora_3", "fora_4", *(f"first_block_cache_{t:g}" for t in (0.05, 0.1, 0.2))]
+    for name in cache_names:
+        point = by_name[name]
+        assert point.params is None and set(point.sections) == {"cache"}
+    assert by_name["fora_3"].sections["cache"].array.shape == (20, 6, 2)  # at the reference's steps
+    assert by_name["first_block_cache_0.1"].sections["cache"] == FirstBlockCacheConfig(threshold=0.1)
+    assert "identity" not in by_name
+    assert [p.name for p in points] == [p.name for p in solver_points] + cache_names
