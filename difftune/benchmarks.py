@@ -230,12 +230,39 @@ def _solver_overhead(plain: Callable[..., Any], pipe: Any, run: Callable[..., An
     )
 
 
-BENCHMARKS: dict[str, Callable[..., list[Figure]]] = {"runtime": bench_runtime}
+def bench_front(**kwargs: Any) -> list[Figure]:
+    """The tuned joint front against the baselines (:func:`difftune.search._bench.bench_front`)."""
+    from difftune.search._bench import bench_front as run
+
+    return run(**kwargs)
+
+
+def bench_store(**kwargs: Any) -> list[Figure]:
+    """The searcher's and store's share of a trial, and the 100,000-trial front query."""
+    from difftune.search._bench import bench_store as run
+
+    return run(**kwargs)
+
+
+BENCHMARKS: dict[str, Callable[..., list[Figure]]] = {
+    "runtime": bench_runtime,
+    "front": bench_front,
+    "store": bench_store,
+}
 
 
 def run_benchmark(name: str, **kwargs: Any) -> list[Figure]:
+    """Run benchmark ``name`` with the options it takes (others, e.g. ``batch`` for ``front``, are ignored)."""
+    import inspect
+
     from difftune.errors import DifftuneError
 
     if name not in BENCHMARKS:
         raise DifftuneError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
-    return BENCHMARKS[name](**kwargs)
+    fn = BENCHMARKS[name]
+    if name in ("front", "store"):
+        from difftune.search import _bench
+
+        fn = getattr(_bench, f"bench_{name}")
+    accepted = inspect.signature(fn).parameters
+    return fn(**{k: v for k, v in kwargs.items() if k in accepted and v is not None})

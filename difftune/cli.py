@@ -7,6 +7,8 @@ import math
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -194,17 +196,31 @@ def generate(
 
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="Which benchmark: runtime.")] = "runtime",
-    repeats: Annotated[int, typer.Option(min=3, help="Timed repeats per side (alternating A/B).")] = 7,
-    batch: Annotated[int, typer.Option(min=1, help="Images per pipeline call.")] = 16,
+    name: Annotated[
+        str,
+        typer.Argument(
+            help="Which benchmark: runtime (hooks, solver, SADA, masks), front (tuned vs baseline fronts, "
+            "minutes), store (searcher and store overhead, 100k-trial front query)."
+        ),
+    ] = "runtime",
+    repeats: Annotated[int | None, typer.Option(min=3, help="Timed repeats per side (runtime: 7, front: 5).")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="runtime: images per pipeline call (16).")] = None,
+    budget: Annotated[
+        int | None, typer.Option(min=1, help="front / store: finished trials of the study (100 / 16).")
+    ] = None,
+    samples: Annotated[
+        int | None, typer.Option(min=2, help="front / store: calibration samples per trial (20).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="front: the searcher's seed (0).")] = None,
 ) -> None:
     """Run a benchmark and print each figure as a ratio measured in the same run, against its target."""
     from rich.table import Table
 
     from difftune.benchmarks import run_benchmark
 
+    options = {"repeats": repeats, "batch": batch, "budget": budget, "samples": samples, "seed": seed}
     with console.status(f"running benchmark {name} …"):
-        figures = run_benchmark(name, repeats=repeats, batch=batch)
+        figures = run_benchmark(name, **options)
     table = Table(title=f"difftune bench {name}")
     for col in ("figure", "value", "target", "met", "measured"):
         table.add_column(col)
@@ -294,7 +310,7 @@ def calibrate(
     model: Annotated[str, typer.Option(help="'embedded', a diffusers pipeline directory, or a cached hub id.")] = (
         "embedded"
     ),
-    space: Annotated[str, typer.Option(help="Search space: cache, solver, … (see difftune.spaces).")] = "cache",
+    space: Annotated[str, typer.Option(help="Search space: cache, solver or joint.")] = "cache",
     budget: Annotated[
         int, typer.Option(min=1, help="Finished trials the study must hold; rerunning with more resumes.")
     ] = 24,
@@ -306,33 +322,24 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="The searcher's seed.")] = 0,
     steps: Annotated[int, typer.Option(min=2, help="num_inference_steps of the reference setting.")] = 20,
     samples: Annotated[int, typer.Option(min=2, help="Calibration samples per trial.")] = 20,
+    nfe: Annotated[
+        str, typer.Option(help="solver / joint spaces: the range of model evaluations searched, LOW:HIGH.")
+    ] = "3:12",
 ) -> None:
-    """Run or resume a study until it holds --budget finished trials; print its Pareto front."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Run or resume a study until it holds --budget finished trials; print its Pareto front.
 
-    from difftune.search.runner import RunProgress, default_study_name, run_study
+    Spaces: cache (structured cache masks at --steps), solver (USF schedules of --nfe evaluations),
+    joint (a solver schedule plus an optional cache mask over its steps). The baselines
+    (DPM-Solver++ / UniPC / DDIM at their best spacing, FORA, FirstBlockCache, …) run first.
+    """
+    try:
+        low, high = (int(v) for v in nfe.split(":"))
+    except ValueError:
+        raise DifftuneError(f"--nfe: expected LOW:HIGH, e.g. 3:12, got {nfe!r}") from None
+    from difftune.search.runner import default_study_name, run_study
 
     name = study or default_study_name(model, space)
-    with Progress(
-        TextColumn("[bold]calibrating[/] {task.fields[study]}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("trials · front {task.fields[front]} · {task.fields[last]}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as bar:
-        task = bar.add_task("trials", total=budget, study=name, front="–", last="preparing …")
-
-        def on_trial(event: RunProgress) -> None:
-            state = event.trial.state.value
-            bar.update(
-                task,
-                completed=min(event.finished, budget),
-                front=str(event.front_size),
-                last=f"{event.label}: {state}",
-            )
-
+    with _trial_progress("calibrating", name, budget) as on_trial:
         result = run_study(
             model,
             space,
@@ -344,8 +351,8 @@ def calibrate(
             num_inference_steps=steps,
             samples=samples,
             progress=on_trial,
+            nfe_range=(low, high),
         )
-        bar.update(task, completed=min(result.finished, budget), last="done")
     console.print(_front_table(result.study, result.front))
     failed = f", {result.failed} failed" if result.failed else ""
     console.print(
@@ -358,6 +365,66 @@ def calibrate(
     console.print(
         f'  difftune export --study {name}{where} --select "{_select_hint(result.study, result.front)}" '
         "--out profile.json",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@contextmanager
+def _trial_progress(verb: str, name: str, budget: int | None) -> Iterator[Callable[[Any], None]]:
+    """A rich progress bar over a study's finished trials, with the front's size and hypervolume."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(f"[bold]{verb}[/] {{task.fields[study]}}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("trials · front {task.fields[front]} · HV {task.fields[hv]} · {task.fields[last]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
+        task = bar.add_task("trials", total=budget, study=name, front="–", hv="–", last="preparing …")
+
+        def on_trial(event: Any) -> None:
+            bar.update(
+                task,
+                total=event.budget,
+                completed=min(event.finished, event.budget),
+                front=str(event.front_size),
+                hv=f"{event.hypervolume:.4g}",
+                last=f"{event.label}: {event.trial.state.value}",
+            )
+
+        yield on_trial
+        bar.update(task, last="done")
+
+
+@app.command()
+def worker(
+    study: Annotated[str, typer.Option(help="The study to join (created by difftune calibrate).")],
+    storage: Annotated[
+        str | None, typer.Option(help="Database URL (default: $DIFFTUNE_STORAGE or sqlite:///difftune.db).")
+    ] = None,
+    max_trials: Annotated[
+        int | None, typer.Option(min=1, help="Stop after this many trials even if the budget is not used up.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="The sampler's seed (default: random per worker).")] = None,
+) -> None:
+    """Join a running study as one more worker: claim and run its trials until its budget is used up.
+
+    The model, space, searcher, objectives and calibration settings are the study's own. Workers
+    coordinate only through the database: no trial is run twice and the budget is never exceeded.
+    """
+    from difftune.search.runner import run_worker
+
+    _open_existing_store(storage).close()  # a missing database is bad input, not a new empty one
+    with _trial_progress("working on", study, None) as on_trial:
+        result = run_worker(study, storage, progress=on_trial, seed=seed, max_trials=max_trials)
+    failed = f", {result.failed} failed" if result.failed else ""
+    console.print(
+        f"worker ran {result.new_trials} trials; study {result.study.name!r} holds {result.finished} finished "
+        f"trials{failed} (budget {result.study.budget}) in {result.storage}",
         highlight=False,
         soft_wrap=True,
     )
@@ -421,46 +488,85 @@ def export(
     select: Annotated[
         str, typer.Option(help="Which Pareto point, e.g. 'fastest where psnr>=30' or 'best psnr where speedup>=2'.")
     ],
-    out: Annotated[Path, typer.Option(help="Where to write the profile (JSON).")],
+    out: Annotated[
+        Path, typer.Option(help="Where to write the profile (JSON file; a directory for --format diffusers).")
+    ],
     storage: Annotated[
         str | None, typer.Option(help="Database URL (default: $DIFFTUNE_STORAGE or sqlite:///difftune.db).")
     ] = None,
+    format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="difftune: one profile JSON; diffusers: a directory with profile.json and the native diffusers "
+            "configs where the setting is expressible there.",
+        ),
+    ] = "difftune",
+    validate: Annotated[
+        bool,
+        typer.Option(
+            "--validate/--no-validate",
+            help="Re-measure the point on held-out samples the search never saw (default); --no-validate keeps the "
+            "calibration figures.",
+        ),
+    ] = True,
+    samples: Annotated[
+        int | None, typer.Option(min=2, help="Held-out samples (default: as many as the study's calibration samples).")
+    ] = None,
 ) -> None:
-    """Write the profile of the Pareto point --select picks (nothing is written when none satisfies it)."""
-    import dataclasses
-    from datetime import UTC, datetime
+    """Write the profile of the Pareto point --select picks, re-measured on held-out samples (nothing is written
+    when no point satisfies it)."""
+    from rich.table import Table
 
-    from difftune.errors import StoreError
-    from difftune.profile import Profile
-    from difftune.store import parse_select, select_point
+    from difftune.search.export import FORMATS, export_point
+    from difftune.store import parse_select
 
+    if format not in FORMATS:
+        raise DifftuneError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     parse_select(select)  # a malformed expression fails before the database is opened
-    store = _open_existing_store(storage)
+    store = _open_existing_store(storage)  # a missing SQLite file is an error, never created
     try:
-        record = store.get_study(study)
-        front = store.pareto_front(record.id)
-        point = select_point(front, select)
-        stored = (point.config or {}).get("profile")
-        if not isinstance(stored, dict):
-            raise StoreError(f"trial {point.number} of study {study!r} has no stored profile; it cannot be exported")
-        profile = Profile.from_dict(stored)
-        metrics = {m.name: {"value": m.value, "unit": m.unit, "direction": m.direction} for m in point.metrics}
-        provenance = {
-            **dict(profile.provenance),
-            "study": record.name,
-            "trial": point.number,
-            "select": select,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
-        name = profile.name or f"trial {point.number}"
-        profile = dataclasses.replace(profile, name=f"{record.name}: {name}", metrics=metrics, provenance=provenance)
-        written = profile.save(out)
-        store.save_profile(record.id, profile, trial_id=point.id, path=str(written.resolve()))
+        with console.status("exporting …") as status:
+            result = export_point(
+                store,
+                study,
+                select,
+                out,
+                format=format,
+                validate=validate,
+                samples=samples,
+                progress=lambda text: status.update(text),
+            )
     finally:
         store.close()
-    values = point.values()
-    shown = ", ".join(f"{o.name}={values[o.name]:.4g}" for o in record.objectives if o.name in values)
-    console.print(f"wrote {out} (trial {point.number} of {record.name!r}: {shown})", highlight=False, soft_wrap=True)
+    record, point = result.study, result.trial
+    shown = [o.name for o in record.objectives]
+    extra = [n for n in ("latency_ms", "nfe", "fid") if n not in shown]
+    if result.validated:
+        table = Table(title=f"trial {point.number} of {record.name!r}: held-out vs calibration")
+        for col in ("metric", "held-out", "calibration"):
+            table.add_column(col, justify="right" if col != "metric" else "left", no_wrap=True)
+        for name in (*shown, *extra):
+            held, cal = result.held_out.get(name), result.calibration.get(name)
+            if held is None and cal is None:
+                continue
+            table.add_row(name, "" if held is None else f"{held:.4g}", "" if cal is None else f"{cal:.4g}")
+        console.print(table)
+        seeds = result.held_out_seeds
+        console.print(
+            f"held-out: {result.profile.provenance.get('held_out_samples')} samples, seeds {seeds[0]}–{seeds[-1]} "
+            "(never seen by the search)",
+            highlight=False,
+        )
+    else:
+        values = result.calibration
+        figures = ", ".join(f"{n}={values[n]:.4g}" for n in shown if n in values)
+        console.print(f"not re-measured (--no-validate): calibration figures {figures}", highlight=False)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {result.path}", highlight=False, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:

@@ -82,6 +82,44 @@ class OptunaSearcher(Searcher):
         attrs = {"difftune:baseline": baseline} if baseline else None
         self.study.enqueue_trial(dict(params), user_attrs=attrs, skip_if_exists=True)
 
+    def add_completed(self, params: Mapping[str, Any], values: Sequence[float], baseline: str | None = None) -> None:
+        """Tell the sampler about a point evaluated outside ask/tell (a baseline, a retry).
+
+        For NSGA-II the point joins generation 0, so that baselines are parents of the first children.
+        """
+        import optuna
+
+        if any(not math.isfinite(float(v)) for v in values):
+            return
+        dists = {k: self.distributions[k] for k in params if k in self.distributions}
+        clean = {k: params[k] for k in dists}
+        for name, dist in dists.items():
+            if not dist._contains(dist.to_internal_repr(clean[name])):
+                return  # outside the searched ranges: the sampler could not use it anyway
+        system_attrs = {}
+        if isinstance(self.study.sampler, optuna.samplers.NSGAIISampler):
+            system_attrs[f"{type(self.study.sampler).__name__}:generation"] = 0
+        self.study.add_trial(
+            optuna.trial.create_trial(
+                params=clean,
+                distributions=dists,
+                values=[float(v) for v in values],
+                user_attrs={"difftune:baseline": baseline} if baseline else None,
+                system_attrs=system_attrs or None,
+            )
+        )
+
+    def fail_if_running(self, number: int, reason: str) -> None:
+        """Mark trial ``number`` failed if it is still running (its worker was killed)."""
+        import optuna
+
+        trials = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        if any(t.number == number for t in trials):
+            try:
+                self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+            except (RuntimeError, ValueError):
+                pass  # another worker told it in the meantime
+
     def ask(self) -> Proposal:
         trial = self.study.ask(self.distributions)
         self._open[trial.number] = trial

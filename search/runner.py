@@ -25,30 +25,39 @@ never writes to the database.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from difftune.errors import DifftuneError, SpaceError
+from difftune.errors import DifftuneError, SpaceError, StoreError
 
 __all__ = [
     "DEFAULT_BUDGET",
+    "DEFAULT_NFE_RANGE",
     "DEFAULT_OBJECTIVES",
     "DEFAULT_SAMPLES",
     "DEFAULT_STEPS",
     "DISTRIBUTION_METRICS",
+    "HV_REFERENCE",
     "STALE_AFTER_S",
     "RunProgress",
     "RunResult",
     "default_study_name",
+    "front_hypervolume",
     "run_study",
+    "run_worker",
 ]
 
 #: Finished trials of a default study: enough for the space's baselines and a first front.
 DEFAULT_BUDGET = 24
+#: Model evaluations the solver and joint spaces search.
+DEFAULT_NFE_RANGE = (3, 12)
 #: Calibration samples per trial (the embedded model: digits 0–9 × 2 seeds).
 DEFAULT_SAMPLES = 20
 #: ``num_inference_steps`` of the reference setting and of every cache mask.
@@ -60,8 +69,21 @@ DEFAULT_OBJECTIVES: tuple[tuple[str, str], ...] = (
     ("psnr", "maximize"),
     ("class_accuracy", "maximize"),
 )
-#: Seconds after which a trial still marked running (its process was killed) is stored as failed.
-STALE_AFTER_S = 600.0
+#: Seconds without a heartbeat after which a running trial's worker (on another machine) is taken for
+#: dead: the trial is failed as interrupted and its point retried. Workers beat every HEARTBEAT_S;
+#: a dead worker on the same machine is noticed at once (its process is gone).
+STALE_AFTER_S = 120.0
+HEARTBEAT_S = 10.0
+#: Reference point of the progress hypervolume for metrics that have a natural one: no faster than
+#: the reference setting, 20 dB, … (other metrics use the worst value seen).
+HV_REFERENCE: dict[str, float] = {
+    "speedup": 1.0,
+    "flops_ratio": 1.0,
+    "psnr": 20.0,
+    "ssim": 0.5,
+    "class_accuracy": 0.5,
+    "clip_score": 0.0,
+}
 #: Every study keeps at least one of these as an objective.
 DISTRIBUTION_METRICS = ("fid", "class_accuracy", "clip_score")
 #: Measured for every trial besides the objectives (``peak_memory_mb`` only on CUDA).
@@ -78,6 +100,7 @@ class RunProgress:
     front_size: int
     trial: Any  # the TrialRecord just stored
     label: str  # the baseline's name, or "trial N"
+    hypervolume: float = 0.0  # of the front so far (see front_hypervolume)
 
 
 @dataclass(frozen=True)
@@ -91,6 +114,10 @@ class RunResult:
     new_trials: int
     failed: int
     storage: str
+    hypervolume: float = 0.0
+    #: seconds spent evaluating trials (decode, apply, evaluate) and in the searcher's and the
+    #: store's own work around them (claims, ask/tell, stores, front queries), for `bench store`
+    timings: Mapping[str, float] = field(default_factory=dict)
 
 
 def default_study_name(model: str, space: str) -> str:
@@ -139,6 +166,359 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _parse_worker(worker_id: str | None) -> tuple[str, int, str] | None:
+    parts = (worker_id or "").rsplit(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1]), parts[2]
+
+
+def _worker_alive(worker_id: str | None) -> bool | None:
+    """False when ``worker_id`` names a process of this host that no longer exists; None when unknown."""
+    parsed = _parse_worker(worker_id)
+    if parsed is None or parsed[0] != socket.gethostname():
+        return None  # another machine: only its heartbeats tell
+    _host, pid, token = parsed
+    if pid == os.getpid():
+        return token == _TOKEN
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return None
+    return None
+
+
+_TOKEN = os.urandom(4).hex()
+
+
+class _Heartbeat:
+    """Marks the running trial alive every ``interval`` seconds from a daemon thread."""
+
+    def __init__(self, store: Any, trial_id: int, interval: float = HEARTBEAT_S) -> None:
+        self._store, self._trial_id, self._interval = store, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="difftune-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._store.heartbeat(self._trial_id)
+            except DifftuneError:
+                pass  # a busy database: the next beat retries; staleness takes minutes
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def hypervolume_reference(specs: Sequence[Any], rows: Sequence[Mapping[str, float]]) -> list[float]:
+    """The reference point of a study's progress hypervolume: :data:`HV_REFERENCE` where the metric has
+    one (speedup 1×, PSNR 20 dB, …), else the worst value seen."""
+    out = []
+    for s in specs:
+        if s.name in HV_REFERENCE:
+            out.append(HV_REFERENCE[s.name])
+            continue
+        seen = [r[s.name] for r in rows if s.name in r]
+        if not seen:
+            out.append(0.0)
+        else:
+            out.append(min(seen) if s.direction == "maximize" else max(seen))
+    return out
+
+
+def front_hypervolume(specs: Sequence[Any], trials: Sequence[Any]) -> float:
+    """Hypervolume of ``trials``' values (complete trials) against :func:`hypervolume_reference`."""
+    from difftune.store import hypervolume
+
+    rows = [t.values() for t in trials]
+    rows = [r for r in rows if all(s.name in r for s in specs)]
+    if not rows:
+        return 0.0
+    ref = hypervolume_reference(specs, rows)
+    return hypervolume([[r[s.name] for s in specs] for r in rows], ref, [s.direction for s in specs])
+
+
+@dataclass
+class _Job:
+    """Everything one process needs to run trials of a study (calibrate and worker share it)."""
+
+    store: Any
+    study: Any  # StudyRecord
+    space: Any
+    context: Any
+    specs: tuple[Any, ...]
+    names: list[str]
+    samples: list[Any]
+    pipe: Any
+    search: Any
+    baselines: list[Any]
+    latency: Any
+    reference: Any
+    provenance: dict[str, Any]
+    worker: str
+    timings: dict[str, float] = field(default_factory=lambda: {"evaluation_s": 0.0, "overhead_s": 0.0})
+
+
+def _metric_names(specs: Sequence[Any], family: str) -> list[str]:
+    names = list(dict.fromkeys([*(s.name for s in specs), *EXTRA_METRICS]))
+    if family != "embedded":
+        names = [n for n in names if n not in ("fid", "class_accuracy") or n in {s.name for s in specs}]
+    return names
+
+
+def _prepare_pipeline(model: Any, pipeline: Any) -> tuple[Any, Any, str]:
+    from difftune.models import describe, load_pipeline
+
+    pipe = pipeline if pipeline is not None else load_pipeline(model)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    info = describe(pipe)
+    return pipe, info, model if isinstance(model, str) else info.name
+
+
+def _job(
+    store: Any,
+    study_rec: Any,
+    pipe: Any,
+    space_obj: Any,
+    specs: tuple[Any, ...],
+    *,
+    searcher_name: str,
+    seed: int | None,
+    settings: Mapping[str, Any],
+) -> _Job:
+    from difftune.evaluators import CalibrationSet, LatencyOptions, Reference
+    from difftune.search.optuna_searcher import OptunaSearcher
+    from difftune.spaces import SpaceContext
+
+    lo, hi = settings.get("nfe_range", DEFAULT_NFE_RANGE)
+    context = SpaceContext.from_pipeline(
+        pipe, num_inference_steps=int(settings["num_inference_steps"]), nfe_range=(int(lo), int(hi))
+    )
+    variables = space_obj.variables(context)
+    samples = int(settings["samples"])
+    cal = CalibrationSet.for_pipeline(pipe, seeds=max(1, math.ceil(samples / 10)))
+    chosen = list(cal)[:samples]
+    search = OptunaSearcher(
+        {v.name: v.to_optuna_distribution() for v in variables},
+        [s.direction for s in specs],
+        sampler=searcher_name,
+        seed=seed,
+        storage=store_url_for_optuna(store),
+        study_name=study_rec.optuna_study_name or f"difftune:{study_rec.name}",
+    )
+    worker = f"{socket.gethostname()}:{os.getpid()}:{_TOKEN}"
+    device = str(getattr(pipe, "device", "cpu"))
+    statistic = "median" if device.startswith("cuda") else "paired"
+    return _Job(
+        store=store,
+        study=study_rec,
+        space=space_obj,
+        context=context,
+        specs=specs,
+        names=list(settings["metrics"]),
+        samples=chosen,
+        pipe=pipe,
+        search=search,
+        baselines=space_obj.baselines(context),
+        # On a CPU (often shared with other work) speedup is the median ratio of back-to-back runs of
+        # the reference and the trial; on a GPU the ratio of medians.
+        latency=LatencyOptions(warmup=1, repeats=int(settings.get("latency_repeats", 3)), statistic=statistic),
+        reference=Reference.from_pipeline(
+            pipe, num_inference_steps=context.num_inference_steps, batch_size=len(chosen)
+        ),
+        provenance={"study": study_rec.name, "device": device, "worker": worker, "versions": _versions()},
+        worker=worker,
+    )
+
+
+def store_url_for_optuna(store: Any) -> str:
+    """The unmasked URL of ``store``'s database, for Optuna's RDB storage in the same database."""
+    return str(store._url)
+
+
+def _candidates(job: _Job) -> list[Any]:
+    """Interrupted trials to retry first, then the space's baselines nobody has claimed yet."""
+    from difftune.store import INTERRUPTED, Candidate, TrialState
+
+    taken = job.store.claim_keys(job.study.id)
+    out = []
+    for t in job.store.list_trials(job.study.id, TrialState.FAILED):
+        if not (t.error or "").startswith(INTERRUPTED):
+            continue
+        config = dict(t.config or {})
+        if not config:
+            continue  # killed before the searcher filled in its point: nothing to retry
+        key = f"retry:{config.get('retry_of', t.number)}"
+        if key in taken or config.get("baseline"):
+            continue  # retried already; or an interrupted baseline, retried (once) by its own key below
+        config["retry_of"] = config.get("retry_of", t.number)
+        config.pop("optuna_number", None)
+        out.append(Candidate(key, t.params, config))
+    for point in job.baselines:
+        key = f"baseline:{point.name}"
+        if key not in taken:
+            out.append(Candidate(key, point.params or {}, {"baseline": point.name}))
+    return out
+
+
+def _sections(job: _Job, params: Mapping[str, Any], point: Any) -> Mapping[str, Any]:
+    """A trial's profile sections: a baseline's own, else the space's decoding of its params."""
+    return dict(point.sections) if point is not None else job.space.decode(params, job.context)
+
+
+def _evaluate_trial(job: _Job, trial: Any, sections_of: Callable[[], Mapping[str, Any]], label: str) -> Any:
+    """Decode/apply/evaluate one claimed trial and store it complete or failed; returns the record."""
+    from difftune.errors import EvaluationError
+    from difftune.evaluators import evaluate
+    from difftune.profile import apply_profile
+    from difftune.spaces import to_profile
+    from difftune.store import TrialState
+
+    config = dict(trial.config or {})
+    try:
+        started = time.perf_counter()
+        sections = sections_of()
+        profile = to_profile(sections, job.context, name=label, provenance=job.provenance)
+        config["profile"] = profile.to_dict()
+        job.store.update_trial(trial.id, config=config)
+        with _Heartbeat(job.store, trial.id):
+            reference = job.reference
+            handle = apply_profile(job.pipe, profile)
+            try:
+                measured = evaluate(
+                    job.pipe,
+                    job.samples,
+                    reference,
+                    metrics=job.names,
+                    latency=job.latency,
+                    call_kwargs={"num_inference_steps": profile.context.num_inference_steps},
+                )
+            finally:
+                handle.remove()
+        job.timings["evaluation_s"] += time.perf_counter() - started
+        values = {k: float(v) for k, v in measured.items() if v is not None}
+        for name, value in values.items():
+            if not math.isfinite(value):  # a NaN/inf objective must fail the trial, not be stored or told
+                raise EvaluationError(f"metric {name} produced {'NaN' if math.isnan(value) else 'inf'}")
+        missing = [s.name for s in job.specs if s.name not in values]
+        if missing:
+            raise DifftuneError(f"objective(s) {missing} were not measured")
+    except Exception as exc:
+        return job.store.set_trial_state(trial.id, TrialState.FAILED, error=_reason(exc))
+    except BaseException as exc:  # Ctrl-C, SystemExit: the trial is interrupted and will be retried
+        job.store.interrupt_trials(job.study.id, grace_period=0, trial_ids=[trial.id], reason=_reason(exc))
+        raise
+    return job.store.set_trial_state(trial.id, TrialState.COMPLETE, metrics=values)
+
+
+def _run_trials(job: _Job, progress: Callable[[RunProgress], None] | None, max_trials: int | None = None) -> int:
+    """Claim and run trials until the study's budget is used up (or ``max_trials``); returns how many ran."""
+    from difftune.store import TrialState
+
+    store, study_id = job.store, job.study.id
+    ran = 0
+    by_name = {p.name: p for p in job.baselines}
+    while max_trials is None or ran < max_trials:
+        iteration = time.perf_counter()
+        evaluated = job.timings["evaluation_s"]
+        if store.interrupt_trials(study_id, grace_period=STALE_AFTER_S, alive=_worker_alive):
+            _fail_dead_optuna_trials(job)  # their Optuna trials would stay RUNNING forever
+        claim = store.claim_trial(study_id, worker_id=job.worker, candidates=_candidates(job))
+        if claim is None:
+            break
+        trial, key = claim.trial, claim.key
+        config = dict(trial.config or {})
+        number: int | None = None
+        params: dict[str, Any] = dict(trial.params)
+        point: Any = None  # the baseline's NamedPoint (its exact sections), else params are decoded
+        if key is None:  # a searched point
+            proposal = job.search.ask()
+            number, params = proposal.number, dict(proposal.params)
+            config = {"baseline": None, "optuna_number": number}
+            trial = store.update_trial(trial.id, params=params, config=config)
+            label = f"trial {trial.number}"
+        elif config.get("baseline"):
+            point = by_name.get(config["baseline"])
+            label = str(config["baseline"])
+            if point is None:
+                raise SpaceError(f"baseline {label!r} of study {job.study.name!r} is not a baseline of its space")
+        else:  # a retried searched point
+            label = f"trial {trial.number} (retry of {config.get('retry_of')})"
+        sections_of = functools.partial(_sections, job, params, point)
+        try:
+            record = _evaluate_trial(job, trial, sections_of, label)
+        except BaseException:
+            if number is not None:
+                job.search.tell(number, None, failure="interrupted")
+            raise
+        values = record.values() if record.state is TrialState.COMPLETE else None
+        objective_values = None if values is None else [values[s.name] for s in job.specs]
+        if number is not None:
+            job.search.tell(number, objective_values, failure=record.error)
+        elif objective_values is not None and params:
+            job.search.add_completed(params, objective_values, baseline=config.get("baseline"))
+        ran += 1
+        event = None
+        if progress is not None:
+            finished = store.count_budget_trials(study_id)
+            front = store.pareto_front(study_id)
+            event = RunProgress(
+                job.study.name,
+                finished,
+                int(store.get_study(study_id).budget or finished),
+                len(front),
+                record,
+                label,
+                front_hypervolume(job.specs, front),
+            )
+        job.timings["overhead_s"] += time.perf_counter() - iteration - (job.timings["evaluation_s"] - evaluated)
+        if event is not None:
+            progress(event)  # type: ignore[misc]
+    return ran
+
+
+def _fail_dead_optuna_trials(job: _Job) -> None:
+    """Optuna trials left running by a killed worker are told failed (their points are retried by the store)."""
+    from difftune.store import INTERRUPTED, TrialState
+
+    for t in job.store.list_trials(job.study.id, TrialState.FAILED):
+        number = (t.config or {}).get("optuna_number")
+        if number is None or not (t.error or "").startswith(INTERRUPTED):
+            continue
+        job.search.fail_if_running(int(number), t.error or "interrupted")
+
+
+def _result(job: _Job, before: int, ran: int) -> RunResult:
+    from difftune.store import TrialState
+
+    store, study_id = job.store, job.study.id
+    front = store.pareto_front(study_id)
+    if not store.count_trials(study_id, TrialState.RUNNING):
+        store.record_front(study_id, [t.id for t in front])
+        study_rec = store.set_study_status(study_id, "finished")
+    else:
+        study_rec = store.get_study(study_id)
+    return RunResult(
+        study=study_rec,
+        front=front,
+        objectives=job.specs,
+        finished=store.count_budget_trials(study_id),
+        new_trials=ran,
+        failed=store.count_trials(study_id, TrialState.FAILED),
+        storage=store.url,
+        hypervolume=front_hypervolume(job.specs, front),
+        timings=dict(job.timings),
+    )
+
+
 def run_study(
     model: str | Any = "embedded",
     space: str = "cache",
@@ -154,14 +534,16 @@ def run_study(
     latency_repeats: int = 3,
     progress: Callable[[RunProgress], None] | None = None,
     pipeline: Any = None,
+    nfe_range: tuple[int, int] = DEFAULT_NFE_RANGE,
 ) -> RunResult:
     """Run or resume a study until the store holds ``budget`` finished trials, then record its front.
 
     Args:
         model: a model name or path for :func:`difftune.load_pipeline` (``"embedded"`` by default).
         space: a search space name (:func:`difftune.spaces.get_space`).
-        budget: finished trials (complete or failed) the study must hold; rerunning with a larger
-            budget resumes and adds only the difference.
+        budget: finished trials (complete or failed; interrupted ones are retried, not counted) the
+            study must hold; it is stored with the study, so :func:`run_worker` processes stop there
+            too, and rerunning with a larger budget resumes and adds only the difference.
         study: the study's name (default ``"<model>-<space>"``).
         storage: a SQLAlchemy URL (default ``$DIFFTUNE_STORAGE`` or ``sqlite:///difftune.db``);
             Optuna's study lives in the same database.
@@ -174,54 +556,44 @@ def run_study(
         latency_repeats: timed calls per side for ``latency_ms`` / ``speedup``.
         progress: called after every stored trial with a :class:`RunProgress`.
         pipeline: an already loaded pipeline to use instead of loading ``model`` (it is left as found).
+        nfe_range: model evaluations the ``solver`` and ``joint`` spaces search (and their baselines' NFEs).
 
     Raises:
         DifftuneError: bad input (unknown model, space, searcher or metric; bad storage URL), raised
             before anything is written to the database.
     """
+    lo, hi = nfe_range
+    if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
+        raise SpaceError(f"nfe_range: expected integers 1 <= low <= high, got {nfe_range!r}")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise SpaceError(f"budget: expected an integer >= 1, got {budget!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise SpaceError(f"samples: expected an integer >= 2, got {samples!r}")
 
     # ---- check every input before touching the database -----------------------------------------
+    from difftune.evaluators import metric_spec
     from difftune.spaces import get_space
 
     space_obj = get_space(space)
     searcher_name = searcher or space_obj.default_searcher
     _check_searcher(searcher_name)
     specs = _objective_specs(objectives)
-
-    from difftune.evaluators import CalibrationSet, LatencyOptions, Reference, evaluate, metric_spec
-    from difftune.models import describe, load_pipeline
-    from difftune.profile import apply_profile
-    from difftune.spaces import SpaceContext, to_profile
-
     for s in specs:
         metric_spec(s.name)  # a metric the evaluators cannot measure is bad input too
-    pipe = pipeline if pipeline is not None else load_pipeline(model)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    info = describe(pipe)
-    model_name = model if isinstance(model, str) else info.name
-    context = SpaceContext.from_pipeline(pipe, num_inference_steps=num_inference_steps)
-    variables = space_obj.variables(context)
-    distributions = {v.name: v.to_optuna_distribution() for v in variables}
-    baselines = space_obj.baselines(context)
+    pipe, info, model_name = _prepare_pipeline(model, pipeline)
     study_name = study or default_study_name(model_name, space)
+    settings = {
+        "model": model_name,
+        "num_inference_steps": num_inference_steps,
+        "samples": samples,
+        "metrics": _metric_names(specs, info.family),
+        "latency_repeats": latency_repeats,
+        "nfe_range": [lo, hi],
+    }
 
-    cal = CalibrationSet.for_pipeline(pipe, seeds=max(1, math.ceil(samples / 10)))
-    chosen = list(cal)[:samples]
-    names = list(dict.fromkeys([*(s.name for s in specs), *EXTRA_METRICS]))
-    if info.family != "embedded":
-        names = [n for n in names if n not in ("fid", "class_accuracy") or n in {s.name for s in specs}]
+    from difftune.store import default_url, get_store
 
-    # ---- the store and the Optuna study, in one database ----------------------------------------
-    from difftune.search.optuna_searcher import OptunaSearcher
-    from difftune.store import TrialState, default_url, get_store
-
-    url = storage or default_url()
-    store = get_store(url)
+    store = get_store(storage or default_url())
     try:
         model_rec = store.create_model(model_name, info.family, info.fingerprint)
         study_rec = store.create_study(
@@ -230,135 +602,76 @@ def run_study(
             space=space,
             searcher=searcher_name,
             objectives=specs,
-            reference={
-                "model": model_name,
-                "num_inference_steps": num_inference_steps,
-                "samples": len(chosen),
-                "metrics": names,
-            },
+            reference=settings,
             optuna_study_name=f"difftune:{study_name}",
             load_if_exists=True,
         )
-        store.set_study_status(study_rec.id, "running")
-        # A trial left running by a killed process is not counted; after a grace period it is failed.
-        store.fail_stale_trials(study_rec.id, grace_period=STALE_AFTER_S)
-        optuna_name = study_rec.optuna_study_name or f"difftune:{study_name}"
-        search = OptunaSearcher(
-            distributions,
-            [s.direction for s in specs],
-            sampler=searcher_name,
-            seed=seed,
-            storage=url,
-            study_name=optuna_name,
+        stored = dict(study_rec.reference or {})
+        changed = {k: (stored.get(k), v) for k, v in settings.items() if k in stored and stored[k] != v}
+        changed.pop("latency_repeats", None)
+        if changed:
+            detail = "; ".join(f"{k} {old!r} (asked {new!r})" for k, (old, new) in changed.items())
+            raise StoreError(
+                f"cannot resume study {study_name!r}: it was created with {detail}; choose another --study"
+            )
+        store.set_study_budget(study_rec.id, budget)
+        study_rec = store.set_study_status(study_rec.id, "running")
+        job = _job(store, study_rec, pipe, space_obj, specs, searcher_name=searcher_name, seed=seed, settings=stored)
+        _fail_dead_optuna_trials(job)
+        before = store.count_budget_trials(study_rec.id)
+        ran = _run_trials(job, progress)
+        return _result(job, before, ran)
+    finally:
+        store.close()
+
+
+def run_worker(
+    study: str,
+    storage: str | None = None,
+    *,
+    progress: Callable[[RunProgress], None] | None = None,
+    pipeline: Any = None,
+    seed: int | None = None,
+    max_trials: int | None = None,
+) -> RunResult:
+    """Join a study that ``calibrate`` created: claim and run its trials until its budget is used up.
+
+    The model, space, searcher, objectives and calibration settings come from the study; several
+    workers (processes or machines sharing the database) never run more trials than the budget, and
+    each baseline and each retry of an interrupted trial runs once.
+
+    Args:
+        study: the study's name.
+        storage: its database URL (default ``$DIFFTUNE_STORAGE`` or ``sqlite:///difftune.db``).
+        progress: called after every stored trial.
+        pipeline: an already loaded pipeline of the study's model (its fingerprint is checked).
+        seed: the sampler's seed (default: random, so that workers propose different points).
+        max_trials: stop after this many trials even if the budget is not used up.
+    """
+    from difftune.errors import ModelError
+    from difftune.spaces import get_space
+    from difftune.store import default_url, get_store
+
+    store = get_store(storage or default_url())
+    try:
+        study_rec = store.get_study(study)
+        settings = dict(study_rec.reference or {})
+        if not {"model", "num_inference_steps", "samples", "metrics"} <= set(settings):
+            raise StoreError(f"study {study!r} was not created by difftune calibrate; it has no settings to work on")
+        space_obj = get_space(study_rec.space)
+        specs = tuple(study_rec.objectives)
+        pipe, info, _ = _prepare_pipeline(settings["model"], pipeline)
+        model_rec = store.get_model(study_rec.model_id)
+        if info.fingerprint != model_rec.fingerprint:
+            raise ModelError(
+                f"the weights of {settings['model']!r} here differ from the ones study {study!r} was calibrated on "
+                f"(fingerprint {info.fingerprint[:19]}… vs {model_rec.fingerprint[:19]}…); give the same model"
+            )
+        job = _job(
+            store, study_rec, pipe, space_obj, specs, searcher_name=study_rec.searcher, seed=seed, settings=settings
         )
-
-        stored = store.list_trials(study_rec.id)
-        done_baselines = {
-            (t.config or {}).get("baseline") for t in stored if (t.config or {}).get("baseline") is not None
-        }
-        direct: list[Any] = []
-        for point in baselines:
-            if point.name in done_baselines:
-                continue
-            if point.params is not None:
-                search.enqueue(point.params, baseline=point.name)
-            else:
-                direct.append(point)
-
-        reference = Reference.from_pipeline(pipe, num_inference_steps=num_inference_steps, batch_size=len(chosen))
-        latency = LatencyOptions(warmup=1, repeats=latency_repeats)
-        worker = f"{socket.gethostname()}:{os.getpid()}"
-        provenance_base = {
-            "study": study_name,
-            "device": str(getattr(pipe, "device", "cpu")),
-            "worker": worker,
-            "versions": _versions(),
-        }
-
-        def one_trial(
-            label: str, baseline: str | None, number: int | None, params: Mapping[str, Any], make: Any
-        ) -> Any:
-            """Decode/apply/evaluate one point; store it (complete or failed) and tell the searcher."""
-            config: dict[str, Any] = {"baseline": baseline, "optuna_number": number}
-            profile = None
-            decode_error: BaseException | None = None
-            try:
-                sections = make()
-                profile = to_profile(sections, context, name=label, provenance=provenance_base)
-                config["profile"] = profile.to_dict()
-            except Exception as exc:
-                decode_error = exc
-            trial = store.add_trial(study_rec.id, dict(params), config=config, worker_id=worker)
-            try:
-                if decode_error is not None:
-                    raise decode_error
-                assert profile is not None
-                handle = apply_profile(pipe, profile)
-                try:
-                    measured = evaluate(
-                        pipe,
-                        chosen,
-                        reference,
-                        metrics=names,
-                        latency=latency,
-                        call_kwargs={"num_inference_steps": profile.context.num_inference_steps},
-                    )
-                finally:
-                    handle.remove()
-                values = {k: float(v) for k, v in measured.items() if v is not None}
-                missing = [s.name for s in specs if s.name not in values]
-                if missing:
-                    raise DifftuneError(f"objective(s) {missing} were not measured")
-            except BaseException as exc:
-                reason = _reason(exc)
-                if not isinstance(exc, Exception):
-                    reason = f"interrupted ({reason})"
-                record = store.set_trial_state(trial.id, TrialState.FAILED, error=reason)
-                if number is not None:
-                    search.tell(number, None, failure=reason)
-                if not isinstance(exc, Exception):
-                    raise
-                return record
-            record = store.set_trial_state(trial.id, TrialState.COMPLETE, metrics=values)
-            if number is not None:
-                search.tell(number, [values[s.name] for s in specs])
-            return record
-
-        before = store.count_finished_trials(study_rec.id)
-        finished = before
-        while finished < budget:
-            if direct:
-                point = direct.pop(0)
-                record = one_trial(point.name, point.name, None, {}, lambda p=point: dict(p.sections))
-                label = point.name
-            else:
-                proposal = search.ask()
-                label = proposal.baseline or f"trial {proposal.number}"
-                params = dict(proposal.params)
-                record = one_trial(
-                    label,
-                    proposal.baseline,
-                    proposal.number,
-                    params,
-                    lambda p=params: space_obj.decode(p, context),
-                )
-            finished = store.count_finished_trials(study_rec.id)
-            if progress is not None:
-                front_size = len(store.pareto_front(study_rec.id))
-                progress(RunProgress(study_name, finished, budget, front_size, record, label))
-
-        front = store.pareto_front(study_rec.id)
-        store.record_front(study_rec.id, [t.id for t in front])
-        study_rec = store.set_study_status(study_rec.id, "finished")
-        failed = store.count_trials(study_rec.id, TrialState.FAILED)
-        return RunResult(
-            study=study_rec,
-            front=front,
-            objectives=specs,
-            finished=finished,
-            new_trials=finished - before,
-            failed=failed,
-            storage=store.url,
-        )
+        before = store.count_budget_trials(study_rec.id)
+        ran = _run_trials(job, progress, max_trials=max_trials)
+        return _result(job, before, ran)
     finally:
         store.close()

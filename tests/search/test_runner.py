@@ -46,8 +46,9 @@ def test_budget_is_finished_trials_and_a_rerun_resumes(tmp_path, embedded_pipe):
         assert store.get_study("s").status.value == "finished"
     baselines = [t.config["baseline"] for t in trials if t.config and t.config.get("baseline")]
     assert len(baselines) == len(set(baselines)) and "identity" in baselines
-    numbers = [t.config["optuna_number"] for t in trials if t.config["optuna_number"] is not None]
+    numbers = [t.config["optuna_number"] for t in trials if t.config.get("optuna_number") is not None]
     assert len(numbers) == len(set(numbers))
+    assert len(numbers) + len(baselines) == 9  # every trial is a baseline or a searched point
     for trial in trials:
         assert {"speedup", "psnr", "class_accuracy", "latency_ms", "nfe"} <= set(trial.values())
         # the stored profile is a valid, deployable profile for this model
@@ -57,8 +58,10 @@ def test_budget_is_finished_trials_and_a_rerun_resumes(tmp_path, embedded_pipe):
     import optuna
 
     optuna_study = optuna.load_study(study_name="difftune:s", storage=url)
-    told = [t for t in optuna_study.trials if t.state.is_finished()]
-    assert len(told) == len(numbers)
+    searched = {t.number for t in optuna_study.trials if "difftune:baseline" not in t.user_attrs}
+    assert searched == set(numbers) and all(
+        t.state.is_finished() for t in optuna_study.trials
+    )  # searched points were told; baselines the sampler can use were added as finished trials
 
 
 def test_a_trial_that_raises_is_stored_failed_and_the_study_goes_on(tmp_path, embedded_pipe, monkeypatch):
@@ -117,3 +120,32 @@ def test_resuming_with_other_objectives_is_refused(tmp_path, embedded_pipe):
 def test_budget_must_be_positive():
     with pytest.raises(SpaceError, match="budget"):
         run_study(budget=0)
+
+
+@pytest.mark.parametrize("space", ["solver", "joint"])
+def test_solver_and_joint_spaces_run_baselines_then_searched_points(tmp_path, embedded_pipe, space):
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    # NFE 3-4: DPM-Solver++ / UniPC / DDIM at 3 and 4 evaluations are the (6) solver baselines
+    result = run_study(pipeline=embedded_pipe, space=space, budget=9, storage=url, study="j", nfe_range=(3, 4), **TINY)
+    assert result.finished == 9 and result.failed == 0
+    with get_store(url) as store:
+        trials = store.list_trials("j")
+        assert store.get_study("j").reference["nfe_range"] == [3, 4]
+    names = [t.config.get("baseline") for t in trials]
+    solver_baselines = [f"{m}_nfe{n}" for n in (3, 4) for m in ("dpmsolver++", "unipc", "ddim")]
+    assert names[:6] == solver_baselines  # the space's baselines run first, in order
+    for trial in trials:
+        profile = difftune.load_profile(trial.config["profile"])
+        nfe = trial.values()["nfe"]
+        if trial.config.get("baseline") in solver_baselines or trial.config.get("optuna_number") is not None:
+            # a solver schedule of 3 or 4 evaluations: the measured NFE is its length
+            assert profile.solver is not None and len(profile.solver.timesteps) == nfe in (3, 4)
+            assert profile.context.num_inference_steps == nfe
+            if profile.cache is not None:  # joint: the mask covers exactly the schedule's steps
+                assert profile.cache.array.shape[0] == nfe
+
+
+def test_nfe_range_is_checked_before_the_database_is_touched(tmp_path):
+    with pytest.raises(SpaceError, match="nfe_range"):
+        run_study(budget=1, nfe_range=(5, 3), storage=f"sqlite:///{tmp_path / 'd.db'}")
+    assert not (tmp_path / "d.db").exists()

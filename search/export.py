@@ -1,0 +1,578 @@
+"""Export a study's chosen Pareto point as a deployable profile, re-measured on held-out samples.
+
+A search can overfit its calibration samples: the point it picks is the best on the noise it was
+tuned on. :func:`export_point` therefore re-measures the chosen point on *held-out* samples — the
+same conditions with seeds from the disjoint held-out range, which no trial of the search ever saw —
+stores those figures in the store under the ``held_out`` split, and writes them as the profile's
+metrics, with the calibration figures beside them::
+
+    from difftune.search.export import export_point
+
+    result = export_point("sqlite:///difftune.db", "embedded-cache", "fastest where psnr>=30", "profile.json")
+    print(result.metrics["psnr"])   # {"value": <held-out>, "unit": "dB", ..., "split": "held_out", "calibration": ...}
+
+``format="diffusers"`` writes a directory instead: ``profile.json`` plus, where a profile section has
+an exact diffusers equivalent, the native diffusers pieces (:func:`diffusers_pieces`).
+
+Every input (the ``select`` expression, the output path) is checked before anything is measured or
+written; when no point satisfies ``select`` nothing is written at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from difftune.errors import DifftuneError, StoreError
+
+__all__ = [
+    "FORMATS",
+    "WORSE_BY",
+    "DiffusersExport",
+    "ExportResult",
+    "diffusers_pieces",
+    "export_point",
+    "held_out_samples",
+]
+
+FORMATS = ("difftune", "diffusers")
+#: How much worse a quality figure may be on held-out samples than on calibration samples before
+#: :func:`export_point` warns that the point may have overfit its calibration samples (absolute for
+#: bounded figures, relative for FID).
+WORSE_BY: dict[str, float] = {"psnr": 3.0, "ssim": 0.05, "class_accuracy": 0.1, "clip_score": 2.0, "lpips": 0.05}
+#: FID may grow by this factor before a warning (it is noisy on few samples).
+FID_RATIO = 1.5
+#: Figures whose held-out values are compared with the calibration ones (timing is noise, not overfitting).
+QUALITY_METRICS = ("psnr", "ssim", "mse", "lpips", "clip_score", "fid", "class_accuracy")
+#: Files of a diffusers-format export.
+PROFILE_FILE = "profile.json"
+SCHEDULER_DIR = "scheduler"
+CALL_KWARGS_FILE = "call_kwargs.json"
+CACHE_FILE = "cache_config.json"
+USAGE_FILE = "diffusers_usage.json"
+
+
+@dataclass(frozen=True)
+class DiffusersExport:
+    """What a diffusers-format export holds: files written (relative to the directory) and sections without an
+    exact diffusers equivalent (section → reason)."""
+
+    files: dict[str, Any] = field(default_factory=dict)  # relative path -> JSON content
+    expressible: dict[str, str] = field(default_factory=dict)  # section -> what represents it
+    not_expressible: dict[str, str] = field(default_factory=dict)  # section -> why not
+
+    def note(self) -> str | None:
+        """One line for the user when some section has no diffusers equivalent."""
+        if not self.not_expressible:
+            return None
+        parts = "; ".join(f"{k}: {v}" for k, v in self.not_expressible.items())
+        return (
+            f"no diffusers equivalent for {', '.join(self.not_expressible)} ({parts}); "
+            f"apply {PROFILE_FILE} with difftune.apply_profile(pipe, difftune.load_profile(...)) instead"
+        )
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """The outcome of :func:`export_point`."""
+
+    path: Path  # the profile file (difftune format) or the directory (diffusers format)
+    profile: Any  # the written difftune.Profile
+    study: Any  # StudyRecord
+    trial: Any  # TrialRecord as exported (held-out metrics included when validated)
+    validated: bool
+    calibration: dict[str, float]  # the stored calibration figures
+    held_out: dict[str, float]  # the held-out figures (empty without validation)
+    held_out_seeds: tuple[int, ...] = ()
+    warnings: tuple[str, ...] = ()
+    diffusers: DiffusersExport | None = None
+
+    @property
+    def metrics(self) -> Mapping[str, Mapping[str, Any]]:
+        return self.profile.metrics
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        note = self.diffusers.note() if self.diffusers is not None else None
+        return (note,) if note else ()
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out samples
+# --------------------------------------------------------------------------------------------
+
+
+def held_out_samples(pipe: Any, n: int) -> list[Any]:
+    """The first ``n`` held-out samples for ``pipe``: the calibration conditions, seeds from the held-out range,
+    seed-major like the study's calibration samples (so they cover the conditions evenly)."""
+    from difftune.evaluators import CalibrationSet
+
+    conditions = len(CalibrationSet.for_pipeline(pipe, seeds=1, split="held_out"))
+    held = CalibrationSet.for_pipeline(pipe, seeds=max(1, math.ceil(n / conditions)), split="held_out")
+    return list(held)[:n]
+
+
+def _overfit_warnings(calibration: Mapping[str, float], held_out: Mapping[str, float]) -> list[str]:
+    from difftune.store import metric_spec
+
+    out = []
+    for name in QUALITY_METRICS:
+        if name not in calibration or name not in held_out:
+            continue
+        cal, held = calibration[name], held_out[name]
+        direction = metric_spec(name).direction
+        if name == "fid":
+            worse = held > FID_RATIO * cal and held - cal > 1.0
+        elif name == "mse":
+            worse = held > 2.0 * cal and held - cal > 1e-4
+        else:
+            limit = WORSE_BY.get(name, 0.0)
+            worse = (cal - held > limit) if direction == "maximize" else (held - cal > limit)
+        if worse:
+            out.append(
+                f"{name} is much worse on held-out samples ({held:.4g}) than on calibration samples ({cal:.4g}): "
+                "the point may have overfit its calibration samples; consider more --samples in calibrate"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Diffusers pieces
+# --------------------------------------------------------------------------------------------
+
+
+def _synthetic_model(x: Any, t: Any) -> Any:
+    """A smooth, nonlinear stand-in for a denoiser: enough curvature that solvers of different orders differ."""
+    import torch
+
+    s = float(t) / 1000.0
+    return torch.tanh(x * (0.5 + s)) * 0.8 + 0.2 * torch.sin(3.0 * x + s)
+
+
+def _run_scheduler(scheduler: Any, x: Any, *, timesteps: Sequence[int] | None, steps: int) -> Any:
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=list(timesteps))
+    else:
+        scheduler.set_timesteps(steps)
+    for t in scheduler.timesteps:
+        x = scheduler.step(_synthetic_model(x, t), t, x).prev_sample
+    return x
+
+
+def _dpm_solver_equivalent(solver: Any, base: Any) -> tuple[dict[str, Any] | None, str]:
+    """A ``DPMSolverMultistepScheduler`` config sampling exactly like ``solver`` on its timesteps, or why none does.
+
+    The structural conditions are checked first (data prediction, no corrector, no DC compensation,
+    integer timesteps, a VP noise schedule whose sigmas follow its timesteps); then each candidate
+    config (solver order, diffusers' final-step order lowering) is run next to difftune's
+    ``USFScheduler`` on a synthetic model output and kept only if the trajectories agree to 1e-5.
+    """
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+
+    from difftune.accel.solver import _SIGMA_FIRST_OPTIONS, USFScheduler
+
+    steps = solver.steps
+    if any(s.prediction != "data" for s in steps):
+        return None, "noise-prediction steps (DPM-Solver) mixed into the schedule"
+    if any(s.corrector for s in steps):
+        return None, (
+            "UniC corrector steps: diffusers' UniPCMultistepScheduler.set_timesteps takes no explicit timesteps"
+        )
+    if any(s.dc_ratio != 1.0 for s in steps):
+        return None, "DC-Solver compensation ratios have no diffusers equivalent"
+    if any(t != round(t) for t in solver.timesteps):
+        return None, "fractional timesteps (diffusers' DPMSolverMultistepScheduler rounds custom timesteps to integers)"
+    config = dict(base.config)
+    if str(config.get("_class_name", type(base).__name__)).startswith("FlowMatch") or config.get("use_flow_sigmas"):
+        return None, "flow-matching schedule (DPMSolverMultistepScheduler takes no custom timesteps for it)"
+    if any(config.get(k) for k in _SIGMA_FIRST_OPTIONS):
+        return None, "the pipeline scheduler's sigmas do not follow its timesteps (Karras / exponential / beta sigmas)"
+    timesteps = [round(t) for t in solver.timesteps]
+    torch_state = torch.random.get_rng_state()
+    try:
+        x0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.random.set_rng_state(torch_state)
+    ours = _run_scheduler(USFScheduler.from_schedule(solver, base), x0.clone(), timesteps=None, steps=len(timesteps))
+    max_order = max(s.order for s in steps)
+    for order in sorted({max_order, min(max_order + 1, 3), 2}):
+        for lower_order_final in (True, False):
+            for euler_at_final in (False, True):
+                candidate = DPMSolverMultistepScheduler.from_config(
+                    config,
+                    solver_order=order,
+                    algorithm_type="dpmsolver++",
+                    solver_type="midpoint",
+                    lower_order_final=lower_order_final,
+                    euler_at_final=euler_at_final,
+                    thresholding=False,
+                    variance_type=None,
+                )
+                try:
+                    theirs = _run_scheduler(candidate, x0.clone(), timesteps=timesteps, steps=len(timesteps))
+                except (ValueError, IndexError, RuntimeError):
+                    continue
+                scale = max(1.0, float(ours.abs().max()))
+                if torch.isfinite(theirs).all() and float((theirs - ours).abs().max()) <= 1e-5 * scale:
+                    return dict(candidate.config), ""
+    return None, "the per-step orders differ from every DPMSolverMultistepScheduler configuration"
+
+
+def _component_patterns(pipe: Any) -> list[str]:
+    from difftune.models import describe
+
+    info = describe(pipe)
+    return [re.escape(p) for block in info.block_info for paths in block.components for p in paths]
+
+
+def diffusers_pieces(profile: Any, pipe: Any) -> DiffusersExport:
+    """The native diffusers pieces that reproduce ``profile`` on ``pipe`` where a section has an exact equivalent.
+
+    - ``solver``: a schedule diffusers' ``DPMSolverMultistepScheduler`` runs on its timesteps (every
+      step data prediction, no corrector, DC ratio 1, the per-step orders diffusers would use) →
+      ``scheduler/scheduler_config.json`` and ``call_kwargs.json`` ``{"timesteps": [...]}``.
+    - ``cache``: FirstBlockCache → ``cache_config.json`` ``{"class": "FirstBlockCacheConfig", ...}``;
+      TaylorSeer with interval 2 (where diffusers' schedule agrees) → ``TaylorSeerCacheConfig``.
+    - everything else (cache masks, FORA, DeepCache, Δ-DiT, SADA, quantization, UniPC-like or
+      DC-Solver schedules) is listed in ``not_expressible`` with the reason.
+    """
+    files: dict[str, Any] = {}
+    expressible: dict[str, str] = {}
+    missing: dict[str, str] = {}
+    call_kwargs: dict[str, Any] = {"num_inference_steps": profile.context.num_inference_steps}
+
+    if profile.solver is None:
+        expressible["solver"] = "none: the pipeline's own scheduler"
+    else:
+        config, why = _dpm_solver_equivalent(profile.solver, pipe.scheduler)
+        if config is None:
+            missing["solver"] = why
+        else:
+            files[f"{SCHEDULER_DIR}/scheduler_config.json"] = {
+                **{k: v for k, v in config.items() if not str(k).startswith("_")},
+                "_class_name": "DPMSolverMultistepScheduler",
+            }
+            call_kwargs = {"timesteps": [round(t) for t in profile.solver.timesteps]}
+            expressible["solver"] = (
+                f"DPMSolverMultistepScheduler (dpmsolver++, solver_order={config['solver_order']}) "
+                "on explicit timesteps"
+            )
+
+    cache = profile.cache
+    policy = getattr(cache, "policy", None) if cache is not None else None
+    if cache is None:
+        pass
+    elif policy == "first_block_cache":
+        files[CACHE_FILE] = {"class": "FirstBlockCacheConfig", "threshold": float(cache.threshold)}
+        expressible["cache"] = "diffusers.hooks.FirstBlockCacheConfig"
+    elif policy == "taylorseer" and cache.interval == 2:
+        files[CACHE_FILE] = {
+            "class": "TaylorSeerCacheConfig",
+            "cache_interval": 2,
+            "disable_cache_before_step": int(cache.warmup),
+            "max_order": int(cache.order),
+            "taylor_factors_dtype": "float32",
+            "cache_identifiers": _component_patterns(pipe),
+        }
+        expressible["cache"] = "diffusers.hooks.TaylorSeerCacheConfig"
+    elif policy == "taylorseer":
+        missing["cache"] = (
+            f"TaylorSeer with interval {cache.interval}: diffusers' TaylorSeerCacheConfig counts full steps from "
+            "another step and agrees only at interval 2"
+        )
+    elif policy is not None:
+        missing["cache"] = f"the {policy} cache policy"
+    else:
+        missing["cache"] = "a per-step, per-block cache mask"
+    if profile.sparsity is not None:
+        missing["sparsity"] = "SADA step skipping and token pruning"
+    if profile.quantization is not None:
+        missing["quantization"] = "per-layer bit-widths (simulated / torchao)"
+
+    if f"{SCHEDULER_DIR}/scheduler_config.json" in files or "timesteps" in call_kwargs:
+        files[CALL_KWARGS_FILE] = call_kwargs
+    usage = [
+        "pipe = DiffusionPipeline.from_pretrained(<the model this profile was tuned on>)",
+    ]
+    if f"{SCHEDULER_DIR}/scheduler_config.json" in files:
+        usage.append(
+            f"pipe.scheduler = DPMSolverMultistepScheduler.from_pretrained(<this dir>, subfolder='{SCHEDULER_DIR}')"
+        )
+    if CACHE_FILE in files:
+        usage.append(
+            f"pipe.transformer.enable_cache(diffusers.hooks.<class>(**{CACHE_FILE} without 'class'))"
+            + (
+                " with taylor_factors_dtype=torch.float32"
+                if files[CACHE_FILE]["class"] == "TaylorSeerCacheConfig"
+                else ""
+            )
+        )
+    usage.append(
+        f"pipe(..., **{CALL_KWARGS_FILE})"
+        if CALL_KWARGS_FILE in files
+        else f"pipe(..., num_inference_steps={profile.context.num_inference_steps})"
+    )
+    if missing:
+        usage = [
+            f"difftune.apply_profile(pipe, difftune.load_profile('{PROFILE_FILE}')): sections {sorted(missing)} need it"
+        ]
+    files[USAGE_FILE] = {
+        "profile": PROFILE_FILE,
+        "expressible": expressible,
+        "not_expressible": missing,
+        "usage": usage,
+    }
+    return DiffusersExport(files=files, expressible=expressible, not_expressible=missing)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _check_out(out: Path, fmt: str) -> None:
+    """Refuse an output path that cannot be written, before anything is measured."""
+    if fmt == "difftune":
+        if out.is_dir():
+            raise DifftuneError(f"--out {out} is a directory; give a file path (or use --format diffusers)")
+    else:
+        if out.exists() and not out.is_dir():
+            raise DifftuneError(f"--out {out} is a file; --format diffusers writes a directory")
+        if out.is_dir() and any(out.iterdir()) and not (out / PROFILE_FILE).exists():
+            raise DifftuneError(f"--out {out} is a non-empty directory that is not a difftune export; choose another")
+
+
+def _write_directory(out: Path, profile: Any, pieces: DiffusersExport) -> Path:
+    """Write the export directory atomically: built next to ``out``, then renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    old: Path | None = None
+    try:
+        profile.save(tmp / PROFILE_FILE)
+        for rel, content in pieces.files.items():
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / "previous")
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None and (old / "previous").exists() and not out.exists():
+            os.replace(old / "previous", out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _metric_entry(name: str, value: float, split: str, calibration: float | None) -> dict[str, Any]:
+    from difftune.store import metric_spec
+
+    spec = metric_spec(name)
+    entry: dict[str, Any] = {"value": value, "unit": spec.unit, "direction": spec.direction, "split": split}
+    if calibration is not None:
+        entry["calibration"] = calibration
+    return entry
+
+
+# --------------------------------------------------------------------------------------------
+# The export
+# --------------------------------------------------------------------------------------------
+
+
+def export_point(
+    storage_or_store: Any,
+    study: str,
+    select: str,
+    out: str | os.PathLike[str],
+    *,
+    format: str = "difftune",
+    validate: bool = True,
+    samples: int | None = None,
+    latency_repeats: int = 3,
+    pipeline: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Write the profile of the Pareto point ``select`` picks from ``study``, re-measured on held-out samples.
+
+    Args:
+        storage_or_store: a :class:`difftune.store.Store` or a database URL (``None``: the default).
+            A store passed in is left open.
+        study: the study's name.
+        select: e.g. ``"fastest where psnr>=30"`` (:func:`difftune.store.parse_select`).
+        out: the profile file (``format="difftune"``) or directory (``format="diffusers"``).
+        format: ``"difftune"`` (one JSON profile) or ``"diffusers"`` (a directory: ``profile.json``
+            and the native diffusers configs where the setting is expressible there).
+        validate: re-measure the point on held-out samples (default). ``False`` keeps the stored
+            calibration figures, marked ``"split": "calibration"``.
+        samples: held-out samples (default: as many as the study's calibration samples).
+        latency_repeats: timed calls per side for ``latency_ms`` / ``speedup``.
+        pipeline: the study model's pipeline, already loaded (default: ``load_pipeline`` of the
+            study's model); it is left as found.
+        progress: called with a short status text at each stage.
+
+    Raises:
+        StoreError: unknown study, no point satisfies ``select`` (naming the closest), a trial
+            without a stored profile. Nothing is written.
+        DifftuneError: malformed ``select`` (before the database is opened), a bad ``out``, a
+            pipeline whose weights differ from the study's model, a failed held-out evaluation.
+    """
+    from difftune.store import HELD_OUT, get_store, parse_select, select_point
+
+    parse_select(select)  # a malformed expression fails before the database is opened
+    if format not in FORMATS:
+        raise DifftuneError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 2):
+        raise DifftuneError(f"samples: expected an integer >= 2, got {samples!r}")
+    out_path = Path(out)
+    _check_out(out_path, format)
+
+    def say(text: str) -> None:
+        if progress is not None:
+            progress(text)
+
+    from difftune.profile import Profile
+
+    store = get_store(storage_or_store)
+    owned = store is not storage_or_store
+    try:
+        record = store.get_study(study)
+        point = select_point(store.pareto_front(record.id), select)
+        stored = (point.config or {}).get("profile")
+        if not isinstance(stored, dict):
+            raise StoreError(f"trial {point.number} of study {study!r} has no stored profile; it cannot be exported")
+        profile = Profile.from_dict(stored)
+        calibration = point.values()
+        reference_info = dict(record.reference or {})
+
+        pipe = None
+        if validate or format == "diffusers":
+            pipe = _study_pipeline(store, record, reference_info, pipeline, say)
+
+        held: dict[str, float] = {}
+        seeds: tuple[int, ...] = ()
+        chosen: list[Any] = []
+        if validate:
+            assert pipe is not None
+            n = samples or int(reference_info.get("samples") or 0) or 20
+            chosen = held_out_samples(pipe, n)
+            seeds = tuple(sorted({s.seed for s in chosen}))
+            say(f"re-measuring trial {point.number} on {len(chosen)} held-out samples …")
+            held = _measure(pipe, profile, chosen, reference_info, calibration, latency_repeats)
+            point = store.record_metrics(point.id, held, split=HELD_OUT, replace=True)
+
+        metrics: dict[str, dict[str, Any]] = {}
+        if validate:
+            for name, value in held.items():
+                metrics[name] = _metric_entry(name, value, "held_out", calibration.get(name))
+        else:
+            for name, value in calibration.items():
+                metrics[name] = _metric_entry(name, value, "calibration", None)
+        provenance = {
+            **dict(profile.provenance),
+            "study": record.name,
+            "trial": point.number,
+            "select": select,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "validated": validate,
+        }
+        if validate:
+            provenance["held_out_samples"] = len(chosen)
+            provenance["held_out_seeds"] = [seeds[0], seeds[-1]] if seeds else []
+        name = profile.name or f"trial {point.number}"
+        profile = dataclasses.replace(profile, name=f"{record.name}: {name}", metrics=metrics, provenance=provenance)
+
+        pieces = None
+        if format == "diffusers":
+            assert pipe is not None
+            say("writing the diffusers configs …")
+            pieces = diffusers_pieces(profile, pipe)
+            written = _write_directory(out_path, profile, pieces)
+            profile_path = written / PROFILE_FILE
+        else:
+            written = profile.save(out_path)
+            profile_path = written
+        store.save_profile(record.id, profile, trial_id=point.id, path=str(profile_path.resolve()))
+    finally:
+        if owned:
+            store.close()
+    warnings = tuple(_overfit_warnings(calibration, held)) if validate else ()
+    return ExportResult(
+        path=written,
+        profile=profile,
+        study=record,
+        trial=point,
+        validated=validate,
+        calibration=calibration,
+        held_out=held,
+        held_out_seeds=seeds,
+        warnings=warnings,
+        diffusers=pieces,
+    )
+
+
+def _study_pipeline(
+    store: Any, record: Any, reference_info: Mapping[str, Any], pipeline: Any, say: Callable[[str], None]
+) -> Any:
+    """The pipeline of the study's model, checked to hold the weights the study was run on."""
+    from difftune.models import describe, load_pipeline
+
+    model = store.get_model(record.model_id)
+    if pipeline is None:
+        name = reference_info.get("model") or model.name
+        say(f"loading {name} …")
+        pipeline = load_pipeline(name)
+    if hasattr(pipeline, "set_progress_bar_config"):
+        pipeline.set_progress_bar_config(disable=True)
+    fingerprint = describe(pipeline).fingerprint
+    if fingerprint != model.fingerprint:
+        raise DifftuneError(
+            f"the weights of {model.name!r} changed since study {record.name!r} was run (fingerprint "
+            f"{fingerprint[:12]}… now, {model.fingerprint[:12]}… in the study); re-run the study on these weights, "
+            "or export with the weights it was run on"
+        )
+    return pipeline
+
+
+def _measure(
+    pipe: Any,
+    profile: Any,
+    chosen: Sequence[Any],
+    reference_info: Mapping[str, Any],
+    calibration: Mapping[str, float],
+    latency_repeats: int,
+) -> dict[str, float]:
+    """The runner's evaluation of one trial (same reference, metrics and call), on ``chosen`` samples."""
+    from difftune.evaluators import LatencyOptions, Reference, evaluate
+    from difftune.profile import apply_profile
+
+    steps = int(reference_info.get("num_inference_steps") or profile.context.num_inference_steps)
+    names = list(reference_info.get("metrics") or calibration)
+    reference = Reference.from_pipeline(pipe, num_inference_steps=steps, batch_size=len(chosen))
+    handle = apply_profile(pipe, profile)
+    try:
+        measured = evaluate(
+            pipe,
+            chosen,
+            reference,
+            metrics=names,
+            latency=LatencyOptions(warmup=1, repeats=latency_repeats),
+            call_kwargs={"num_inference_steps": profile.context.num_inference_steps},
+        )
+    finally:
+        handle.remove()
+    return {k: float(v) for k, v in measured.items() if v is not None}

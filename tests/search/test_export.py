@@ -1,0 +1,214 @@
+"""export: held-out re-measurement, --no-validate, nothing written on bad input, the diffusers format."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+import diffusers
+import pytest
+import torch
+
+import difftune
+from difftune.accel.first_block_cache import FirstBlockCacheConfig
+from difftune.accel.solver import SolverSchedule
+from difftune.errors import DifftuneError, StoreError
+from difftune.evaluators import SEED_RANGES
+from difftune.search import run_study
+from difftune.search.export import export_point
+from difftune.spaces import SpaceContext, to_profile
+from difftune.store import HELD_OUT, get_store
+
+STEPS = 6
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def study_db(tmp_path_factory, embedded_pipe):
+    """A tiny calibrated cache study 's' (identity, FORA 2, FORA 3) on 4 calibration samples."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        db = tmp_path_factory.mktemp("exp") / "d.db"
+        run_study(
+            pipeline=embedded_pipe,
+            budget=3,
+            storage=f"sqlite:///{db}",
+            study="s",
+            samples=4,
+            num_inference_steps=STEPS,
+            latency_repeats=1,
+        )
+    finally:
+        torch.set_num_threads(before)
+    return db
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _copy_db(db: Path, tmp_path: Path) -> str:
+    """A copy of the database (through SQLite's backup API: the original is in WAL mode)."""
+    import sqlite3
+
+    target = tmp_path / "copy.db"
+    with sqlite3.connect(db) as source, sqlite3.connect(target) as dest:
+        source.backup(dest)
+    return f"sqlite:///{target}"
+
+
+def test_export_re_measures_on_held_out_samples_and_stores_them(study_db, tmp_path, embedded_pipe):
+    url = _copy_db(study_db, tmp_path)
+    out = tmp_path / "p.json"
+    result = export_point(url, "s", "fastest", out, pipeline=embedded_pipe, latency_repeats=1)
+    assert result.path == out and result.validated
+    profile = difftune.load_profile(out)  # round-trips through the validating loader
+    assert profile.metrics == result.profile.metrics
+
+    psnr = profile.metrics["psnr"]
+    assert psnr["split"] == "held_out" and psnr["unit"] == "dB" and psnr["direction"] == "maximize"
+    assert psnr["value"] == result.held_out["psnr"] and psnr["calibration"] == result.calibration["psnr"]
+    # the fastest point reuses features, so its images differ from the reference: the held-out
+    # images (other noise) give other figures than the calibration ones
+    assert psnr["value"] < 99 and psnr["value"] != psnr["calibration"]
+
+    prov = profile.provenance
+    assert prov["study"] == "s" and prov["select"] == "fastest" and prov["trial"] == result.trial.number
+    assert prov["held_out_samples"] == 4 and "created" in prov
+    first, last = prov["held_out_seeds"]
+    assert first in SEED_RANGES["held_out"] and last in SEED_RANGES["held_out"]
+    assert not set(range(first, last + 1)) & set(SEED_RANGES["calibration"][:10])
+
+    with get_store(url) as store:
+        trial = store.get_trial(result.trial.id)
+        assert trial.values(HELD_OUT) == pytest.approx(result.held_out)
+        assert trial.value("psnr") == psnr["calibration"]  # the calibration figures are untouched
+        [saved] = store.list_profiles("s")
+        assert saved.trial_id == trial.id and json.loads(saved.text)["metrics"]["psnr"]["split"] == "held_out"
+
+    # exporting again replaces the held-out timing figures instead of failing on the stored ones
+    again = export_point(url, "s", "fastest", out, pipeline=embedded_pipe, latency_repeats=1)
+    assert again.held_out["psnr"] == pytest.approx(result.held_out["psnr"])
+
+
+def test_no_validate_keeps_the_calibration_figures(study_db, tmp_path):
+    url = _copy_db(study_db, tmp_path)
+    out = tmp_path / "p.json"
+    result = export_point(url, "s", "best psnr", out, validate=False)
+    profile = difftune.load_profile(out)
+    assert not result.validated and result.held_out == {}
+    for name, value in result.calibration.items():
+        assert profile.metrics[name]["value"] == value and profile.metrics[name]["split"] == "calibration"
+    with get_store(url) as store:
+        assert store.get_trial(result.trial.id).values(HELD_OUT) == {}
+
+
+def test_unsatisfiable_select_writes_nothing(study_db, tmp_path, embedded_pipe):
+    before = _digest(study_db)
+    out = tmp_path / "out" / "p.json"
+    with pytest.raises(StoreError, match="the closest is trial"):
+        export_point(f"sqlite:///{study_db}", "s", "fastest where psnr>=1000", out, pipeline=embedded_pipe)
+    with pytest.raises(DifftuneError, match="select"):
+        export_point(f"sqlite:///{tmp_path / 'never.db'}", "s", "quickest", out)
+    assert not out.exists() and not (tmp_path / "never.db").exists()
+    assert _digest(study_db) == before
+
+
+def test_weights_changed_since_the_study_is_an_error(study_db, tmp_path, embedded_pipe):
+    url = _copy_db(study_db, tmp_path)
+    before = _digest(Path(url.removeprefix("sqlite:///")))
+    changed = copy.deepcopy(embedded_pipe)
+    with torch.no_grad():
+        next(changed.transformer.parameters()).add_(1e-3)
+    out = tmp_path / "p.json"
+    with pytest.raises(DifftuneError, match=r"weights .* changed since study 's'"):
+        export_point(url, "s", "fastest", out, pipeline=changed)
+    assert not out.exists()
+    assert _digest(Path(url.removeprefix("sqlite:///"))) == before
+
+
+def _study_with(tmp_path: Path, pipe, sections: dict) -> tuple[str, object]:
+    """A store holding one complete trial of ``sections`` (calibration figures made up) in study 'p'."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    info = difftune.describe(pipe)
+    profile = to_profile(sections, SpaceContext.from_pipeline(pipe, num_inference_steps=STEPS), name="point")
+    with get_store(url) as store:
+        model = store.create_model("embedded", info.family, info.fingerprint)
+        study = store.create_study(
+            "p",
+            model_id=model.id,
+            space="solver",
+            searcher="random",
+            objectives=["speedup", "psnr", "class_accuracy"],
+            reference={"model": "embedded", "num_inference_steps": STEPS, "samples": 2, "metrics": ["psnr"]},
+        )
+        trial = store.add_trial(study.id, {}, config={"profile": profile.to_dict()})
+        store.set_trial_state(trial.id, "complete", metrics={"speedup": 1.0, "psnr": 40.0, "class_accuracy": 1.0})
+    return url, profile
+
+
+def _images(pipe, **kwargs):
+    generators = [torch.Generator().manual_seed(s) for s in (0, 1, 2)]
+    return pipe(class_labels=[1, 4, 7], generator=generators, output_type="pt", **kwargs).images
+
+
+def test_diffusers_format_reproduces_a_dpm_solver_profile(tmp_path, embedded_pipe):
+    schedule = SolverSchedule.from_scheduler(embedded_pipe.scheduler, STEPS)  # DPM-Solver++(2M)'s steps
+    url, profile = _study_with(tmp_path, embedded_pipe, {"solver": schedule})
+    out = tmp_path / "export"
+    result = export_point(url, "p", "fastest", out, format="diffusers", validate=False, pipeline=embedded_pipe)
+    assert result.path == out and out.is_dir() and result.notes == ()
+    assert difftune.load_profile(out / "profile.json").solver == schedule
+    config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert config["_class_name"] == "DPMSolverMultistepScheduler" and config["algorithm_type"] == "dpmsolver++"
+    call_kwargs = json.loads((out / "call_kwargs.json").read_text())
+    assert call_kwargs["timesteps"] == [round(t) for t in schedule.timesteps]
+
+    handle = difftune.apply_profile(embedded_pipe, profile)
+    try:
+        ours = _images(embedded_pipe, num_inference_steps=STEPS)
+    finally:
+        handle.remove()
+    plain = copy.copy(embedded_pipe)
+    native = diffusers.DPMSolverMultistepScheduler.from_pretrained(out, subfolder="scheduler")
+    plain.scheduler = native
+    theirs = _images(plain, **call_kwargs)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_diffusers_format_names_what_has_no_equivalent(tmp_path, embedded_pipe):
+    info = difftune.describe(embedded_pipe)
+    from difftune.accel.cache import CacheMaskConfig
+
+    mask = [[[1 if s % 2 == 0 or b == 0 else 0 for _ in info.components] for b in info.blocks] for s in range(STEPS)]
+    cache = CacheMaskConfig.from_dict({"kind": "mask", "components": list(info.components), "mask": mask})
+    unipc = SolverSchedule.from_scheduler(embedded_pipe.scheduler, STEPS, corrector=True)
+    url, _ = _study_with(tmp_path, embedded_pipe, {"solver": unipc, "cache": cache})
+    out = tmp_path / "export"
+    result = export_point(url, "p", "fastest", out, format="diffusers", validate=False, pipeline=embedded_pipe)
+    [note] = result.notes
+    assert "cache" in note and "solver" in note and "difftune.apply_profile" in note
+    assert sorted(p.name for p in out.iterdir()) == ["diffusers_usage.json", "profile.json"]
+    usage = json.loads((out / "diffusers_usage.json").read_text())
+    assert set(usage["not_expressible"]) == {"solver", "cache"}
+
+
+def test_diffusers_format_first_block_cache(tmp_path, embedded_pipe):
+    url, _ = _study_with(tmp_path, embedded_pipe, {"cache": FirstBlockCacheConfig(threshold=0.1)})
+    out = tmp_path / "export"
+    result = export_point(url, "p", "fastest", out, format="diffusers", validate=False, pipeline=embedded_pipe)
+    assert result.notes == ()
+    assert json.loads((out / "cache_config.json").read_text()) == {"class": "FirstBlockCacheConfig", "threshold": 0.1}
+    # a second export replaces the directory in one rename, leaving no temporary directory behind
+    export_point(url, "p", "fastest", out, format="diffusers", validate=False, pipeline=embedded_pipe)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export", "p.db"]
