@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -63,8 +64,8 @@ def test_variables_are_the_solvers_then_use_cache_then_the_caches_at_the_largest
     names = [v.name for v in space.variables(context)]
     solver = [v.name for v in SolverSpace().variables(context)]
     cache_vars = CacheSpace().variables(context.replace(num_inference_steps=NFE_MAX))
-    assert names == [*solver, "use_cache", *(v.name for v in cache_vars)]
-    assert len(names) == len(set(names)) == 10 + NFE_MAX + 1 + 2 * (2 + 2) + 1
+    assert names == [*solver, "dc_ratio", "dc_last", "use_cache", *(v.name for v in cache_vars)]
+    assert len(names) == len(set(names)) == 10 + NFE_MAX + 2 + 1 + 2 * (2 + 2) + 1
     by_name = {v.name: v for v in space.variables(context)}
     assert by_name["use_cache"].kind == "bool" and by_name["use_cache"].default is False
     # ranges of the largest NFE (8 steps), not of num_inference_steps (20)
@@ -203,3 +204,22 @@ def test_baselines_are_the_solvers_without_cache_and_the_caches_without_params(s
     assert by_name["first_block_cache_0.1"].sections["cache"] == FirstBlockCacheConfig(threshold=0.1)
     assert "identity" not in by_name
     assert [p.name for p in points] == [p.name for p in solver_points] + cache_names
+
+
+def test_dc_ratios_go_to_the_middle_and_last_steps_and_encode_back(space, context):
+    params = {**space.default_params(context), "nfe": 5, "grid": "leading", "dc_ratio": 0.8, "dc_last": 1.25}
+    schedule = space.decode(params, context)["solver"]
+    # DC-Solver keeps the first two ratios at 1; steps 2-3 take dc_ratio, the last step dc_last
+    assert [s.dc_ratio for s in schedule.steps] == [1.0, 1.0, 0.8, 0.8, 1.25]
+    encoded = space.encode({"solver": schedule}, context)
+    assert (encoded["dc_ratio"], encoded["dc_last"]) == (0.8, 1.25)
+    assert space.decode(encoded, context)["solver"] == schedule
+    # a ratio on a first step is not a point of the space
+    bad = dataclasses.replace(
+        schedule, steps=(dataclasses.replace(schedule.steps[0], dc_ratio=1.1), *schedule.steps[1:])
+    )
+    with pytest.raises(SpaceError, match="DC ratios"):
+        space.encode({"solver": bad}, context)
+    # three steps: the last (third) step is the only one with three buffered outputs
+    three = space.decode({**params, "nfe": 3}, context)["solver"]
+    assert [s.dc_ratio for s in three.steps] == [1.0, 1.0, 1.25]
