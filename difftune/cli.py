@@ -219,8 +219,15 @@ def bench(
     from difftune.benchmarks import run_benchmark
 
     options = {"repeats": repeats, "batch": batch, "budget": budget, "samples": samples, "seed": seed}
-    with console.status(f"running benchmark {name} …"):
-        figures = run_benchmark(name, **options)
+    with console.status(f"running benchmark {name} …") as status:
+
+        def on_trial(event: Any) -> None:
+            status.update(
+                f"running benchmark {name}: study {event.study}, {event.finished}/{event.budget} trials · "
+                f"front {event.front_size} · HV {event.hypervolume:.4g} · {event.label}"
+            )
+
+        figures = run_benchmark(name, progress=on_trial, **options)
     table = Table(title=f"difftune bench {name}")
     for col in ("figure", "value", "target", "met", "measured"):
         table.add_column(col)

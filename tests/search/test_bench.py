@@ -1,0 +1,51 @@
+"""The figures of `difftune bench front` from hand-made fronts, and `run_benchmark`'s option filtering."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from difftune.benchmarks import BENCHMARKS, run_benchmark
+from difftune.errors import DifftuneError
+from difftune.search._bench import HV_REFERENCE_POINT, _fastest, _front_2d, _hv
+
+
+def test_front_2d_keeps_the_non_dominated_points():
+    points = [(2.0, 30.0), (1.5, 35.0), (1.5, 29.0), (3.0, 25.0), (2.0, 28.0)]
+    assert _front_2d(points) == [0, 1, 3]
+    assert _front_2d([]) == []
+
+
+def test_hypervolume_against_speedup_1_psnr_20_by_hand():
+    assert HV_REFERENCE_POINT == (1.0, 20.0)
+    # one point: a rectangle (2 - 1) x (30 - 20)
+    assert _hv([(2.0, 30.0)]) == pytest.approx(10.0)
+    # two points: union of (1..2 x 20..30) and (1..3 x 20..25) = 10 + 1 x 5
+    assert _hv([(2.0, 30.0), (3.0, 25.0)]) == pytest.approx(15.0)
+    # a point below the reference point adds nothing
+    assert _hv([(2.0, 30.0), (0.5, 40.0), (5.0, 19.0)]) == pytest.approx(10.0)
+    assert _hv([]) == 0.0
+
+
+def test_fastest_point_above_the_psnr_floor():
+    points = [(12.0, 29.9), (10.0, 30.5), (8.0, 33.0)]
+    assert _fastest(points) == 10.0
+    assert math.isnan(_fastest([(12.0, 29.0)]))
+
+
+def test_run_benchmark_passes_only_the_options_a_benchmark_takes(monkeypatch):
+    seen = {}
+
+    def fake_store(budget: int = 16, samples: int = 20) -> list:
+        seen.update(budget=budget, samples=samples)
+        return []
+
+    import difftune.search._bench as bench
+
+    monkeypatch.setattr(bench, "bench_store", fake_store)
+    assert "front" in BENCHMARKS and "store" in BENCHMARKS
+    run_benchmark("store", budget=3, samples=None, batch=16, progress=print)
+    assert seen == {"budget": 3, "samples": 20}  # None keeps the default, unknown options are dropped
+    with pytest.raises(DifftuneError, match="unknown benchmark 'nope'"):
+        run_benchmark("nope")
