@@ -259,6 +259,7 @@ class _Job:
     pipe: Any
     search: Any
     baselines: list[Any]
+    seeds: list[Any]
     latency: Any
     reference: Any
     provenance: dict[str, Any]
@@ -328,6 +329,7 @@ def _job(
         pipe=pipe,
         search=search,
         baselines=space_obj.baselines(context),
+        seeds=space_obj.seeds(context),
         # On a CPU (often shared with other work) speedup is the median ratio of back-to-back runs of
         # the reference and the trial; on a GPU the ratio of medians.
         latency=LatencyOptions(warmup=1, repeats=int(settings.get("latency_repeats", 3)), statistic=statistic),
@@ -345,7 +347,7 @@ def store_url_for_optuna(store: Any) -> str:
 
 
 def _candidates(job: _Job) -> list[Any]:
-    """Interrupted trials to retry first, then the space's baselines nobody has claimed yet."""
+    """Interrupted trials to retry first, then the space's baselines and seeds nobody has claimed yet."""
     from difftune.store import INTERRUPTED, Candidate, TrialState
 
     taken = job.store.claim_keys(job.study.id)
@@ -357,8 +359,8 @@ def _candidates(job: _Job) -> list[Any]:
         if not config:
             continue  # killed before the searcher filled in its point: nothing to retry
         key = f"retry:{config.get('retry_of', t.number)}"
-        if key in taken or config.get("baseline"):
-            continue  # retried already; or an interrupted baseline, retried (once) by its own key below
+        if key in taken or config.get("baseline") or config.get("seed"):
+            continue  # retried already; or an interrupted baseline / seed, retried (once) by its own key below
         config["retry_of"] = config.get("retry_of", t.number)
         config.pop("optuna_number", None)
         out.append(Candidate(key, t.params, config))
@@ -366,6 +368,10 @@ def _candidates(job: _Job) -> list[Any]:
         key = f"baseline:{point.name}"
         if key not in taken:
             out.append(Candidate(key, point.params or {}, {"baseline": point.name}))
+    for point in job.seeds:  # searched points the space proposes as starts, after the baselines
+        key = f"seed:{point.name}"
+        if key not in taken and point.params is not None:
+            out.append(Candidate(key, point.params, {"seed": point.name}))
     return out
 
 
@@ -450,6 +456,8 @@ def _run_trials(job: _Job, progress: Callable[[RunProgress], None] | None, max_t
             label = str(config["baseline"])
             if point is None:
                 raise SpaceError(f"baseline {label!r} of study {job.study.name!r} is not a baseline of its space")
+        elif config.get("seed"):
+            label = f"seed {config['seed']}"
         else:  # a retried searched point
             label = f"trial {trial.number} (retry of {config.get('retry_of')})"
         sections_of = functools.partial(_sections, job, params, point)

@@ -438,6 +438,12 @@ class Space(ABC):
         """The hand-made settings of this space's anchors, at their best-configured settings."""
         return []
 
+    def seeds(self, context: SpaceContext) -> list[NamedPoint]:
+        """Starting points of the search that are not baselines (points of the space, ``params`` set):
+        the study runner evaluates them after the baselines, as searched points, and the searcher
+        builds on them. None by default."""
+        return []
+
 
 # --------------------------------------------------------------------------------------------
 # Registry

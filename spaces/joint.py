@@ -149,3 +149,34 @@ class JointSpace(Space):
                 continue  # the reference setting itself: no faster, nothing to compare
             out.append(NamedPoint(point.name, point.sections, None, point.description))
         return out
+
+    def seeds(self, context: SpaceContext) -> list[NamedPoint]:
+        """UniPC at its best spacing for NFE 4–6 with a light cache — every component reused at steps
+        1, 4, 7, … (interval 2, refresh 3: at 4 evaluations step 1 only) — and a last-step DC ratio
+        of 1.15.
+
+        Measured on the embedded model (50-step reference): reusing every block's output at step 1
+        of a 4-step schedule cut its FLOPs by 24 % for 1.2 dB PSNR, reusing at step 3 cost 6 dB,
+        and a last-step ratio of 1.2 gained 0.5 dB — so these are promising starts the searcher
+        refines (interval, warm-up, components, ratios), not settings anyone ships as they are.
+        """
+        lo, hi = context.nfe_range
+        by_name = {p.name: p for p in self.solver.baselines(context)}
+        cache_names = [v.name for v in self.cache.variables(self._cache_context(context))]
+        out = []
+        for n in range(max(lo, 4), min(hi, 6) + 1):
+            base = by_name.get(f"unipc_nfe{n}")
+            if base is None or base.params is None:
+                continue
+            params = {**self.default_params(context), **base.params, "use_cache": True, "dc_last": 1.15}
+            for name in cache_names:
+                if name.startswith("interval_"):
+                    params[name] = 2
+                elif name.startswith("warmup_"):
+                    params[name] = 0
+                elif name.startswith("cache_"):
+                    params[name] = True
+            params["refresh"] = 3  # everything recomputes at steps 0, 3, 6, …
+            fixed = self.repair(params, context).params
+            out.append(NamedPoint(f"unipc_nfe{n}+step1_cache", self._decode(fixed, context), dict(fixed)))
+        return out

@@ -223,3 +223,20 @@ def test_dc_ratios_go_to_the_middle_and_last_steps_and_encode_back(space, contex
     # three steps: the last (third) step is the only one with three buffered outputs
     three = space.decode({**params, "nfe": 3}, context)["solver"]
     assert [s.dc_ratio for s in three.steps] == [1.0, 1.0, 1.25]
+
+
+def test_seeds_are_points_of_the_space_with_a_light_cache(space, context):
+    seeds = space.seeds(context)
+    assert [s.name for s in seeds] == [f"unipc_nfe{n}+step1_cache" for n in range(4, 7)]
+    for seed in seeds:
+        # a seed is a point of the space: its params decode to its sections exactly
+        decoded = space.decode(seed.params, context)
+        assert decoded["solver"] == seed.sections["solver"]
+        assert (decoded["cache"].array == seed.sections["cache"].array).all()
+        mask = seed.sections["cache"].array
+        n = mask.shape[0]
+        reused = [i for i in range(n) if not mask[i].any()]
+        assert reused == [i for i in range(n) if i % 3 == 1]  # steps 1, 4, …: everything reused
+        assert mask[[i for i in range(n) if i not in reused]].all()
+        assert seed.sections["solver"].steps[-1].dc_ratio == 1.15
+    assert not set(s.name for s in seeds) & set(b.name for b in space.baselines(context))
