@@ -206,7 +206,7 @@ def bench(
     repeats: Annotated[int | None, typer.Option(min=3, help="Timed repeats per side (runtime: 7, front: 5).")] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="runtime: images per pipeline call (16).")] = None,
     budget: Annotated[
-        int | None, typer.Option(min=1, help="front / store: finished trials of the study (100 / 16).")
+        int | None, typer.Option(min=1, help="front / store: finished trials of the (joint) study (200 / 16).")
     ] = None,
     samples: Annotated[
         int | None, typer.Option(min=2, help="front / store: calibration samples per trial (20).")

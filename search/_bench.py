@@ -91,7 +91,7 @@ def _remeasure(pipe: Any, trials: Sequence[Any], *, samples: int, steps: int, re
 
 
 def bench_front(
-    budget: int = 100,
+    budget: int = 200,
     samples: int = 20,
     steps: int = 50,
     repeats: int = 7,
