@@ -347,31 +347,26 @@ def store_url_for_optuna(store: Any) -> str:
 
 
 def _candidates(job: _Job) -> list[Any]:
-    """Interrupted trials to retry first, then the space's baselines and seeds nobody has claimed yet."""
+    """Interrupted trials to retry first, then the space's baselines and seeds, in order.
+
+    Keys some trial already holds are skipped by :meth:`~difftune.store.Store.claim_trial` itself,
+    inside its locked transaction; an interrupted baseline or seed frees its own key and is retried
+    by it, a searched point as ``retry:<number>``.
+    """
     from difftune.store import INTERRUPTED, Candidate, TrialState
 
-    taken = job.store.claim_keys(job.study.id)
     out = []
     for t in job.store.list_trials(job.study.id, TrialState.FAILED):
-        if not (t.error or "").startswith(INTERRUPTED):
-            continue
         config = dict(t.config or {})
-        if not config:
-            continue  # killed before the searcher filled in its point: nothing to retry
-        key = f"retry:{config.get('retry_of', t.number)}"
-        if key in taken or config.get("baseline") or config.get("seed"):
-            continue  # retried already; or an interrupted baseline / seed, retried (once) by its own key below
+        if not (t.error or "").startswith(INTERRUPTED) or not config:
+            continue  # a real failure; or killed before the searcher filled in its point
+        if config.get("baseline") or config.get("seed"):
+            continue
         config["retry_of"] = config.get("retry_of", t.number)
         config.pop("optuna_number", None)
-        out.append(Candidate(key, t.params, config))
-    for point in job.baselines:
-        key = f"baseline:{point.name}"
-        if key not in taken:
-            out.append(Candidate(key, point.params or {}, {"baseline": point.name}))
-    for point in job.seeds:  # searched points the space proposes as starts, after the baselines
-        key = f"seed:{point.name}"
-        if key not in taken and point.params is not None:
-            out.append(Candidate(key, point.params, {"seed": point.name}))
+        out.append(Candidate(f"retry:{config['retry_of']}", t.params, config))
+    out += [Candidate(f"baseline:{p.name}", p.params or {}, {"baseline": p.name}) for p in job.baselines]
+    out += [Candidate(f"seed:{p.name}", p.params, {"seed": p.name}) for p in job.seeds if p.params is not None]
     return out
 
 

@@ -91,3 +91,14 @@ def postgres_url() -> Iterator[str]:
                 )
                 connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run the test with one torch thread (tiny models on a busy machine), restoring the count after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

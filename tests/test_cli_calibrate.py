@@ -17,12 +17,8 @@ from difftune.cli import EXIT_BAD_INPUT, main
 TINY = ["--budget", "4", "--steps", "6", "--samples", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models on a busy 2-core box: one thread avoids thread hand-offs (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,8 @@ TINY_CLI = ["--steps", "6", "--samples", "2"]
 TIMEOUT_S = 600
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models on a busy 2-core box: one thread avoids thread hand-offs (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env() -> dict[str, str]:

@@ -16,12 +16,8 @@ from difftune.store import TrialState, get_store
 TINY = {"samples": 2, "num_inference_steps": 6, "latency_repeats": 1}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models on a busy 2-core box: one thread avoids thread hand-offs (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _digest(path: Path) -> str:

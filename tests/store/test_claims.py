@@ -24,15 +24,6 @@ BASELINE_A = Candidate("baseline:a", {"interval": 2}, {"cache": {"interval": 2}}
 BASELINE_B = Candidate("baseline:b", {"interval": 3})
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty database: a SQLite file, or a fresh PostgreSQL database (see tests/conftest.py)."""
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("postgres_url")
-        return url
-    return f"sqlite:///{tmp_path / 'claims.db'}"
-
-
 @pytest.fixture
 def store(db: str) -> Iterator[Store]:
     store = Store(db)

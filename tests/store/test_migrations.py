@@ -22,15 +22,6 @@ from difftune.store._models import Base
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty database: a SQLite file, or a fresh PostgreSQL database (see tests/conftest.py)."""
-    if request.param == "postgresql":
-        url: str = request.getfixturevalue("postgres_url")
-        return url
-    return f"sqlite:///{tmp_path / 'schema.db'}"
-
-
 def _engine(url: str) -> Engine:
     return create_engine(url)
 
