@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -270,7 +270,7 @@ def _front_rows(store: Any, study: Any) -> tuple[list[Any], Any]:
     """The trials of the latest recorded front of ``study`` (the live front when none is recorded)."""
     front = store.latest_front(study.id)
     if front is None:
-        return store.pareto_front(study.id), None
+        return store.pareto_front(study.id, constraints=_study_constraints(study)), None
     by_id = {t.id: t for t in store.list_trials(study.id)}
     trials = [by_id[i] for i in front.trial_ids if i in by_id]
     first = study.objectives[0]
@@ -279,16 +279,33 @@ def _front_rows(store: Any, study: Any) -> tuple[list[Any], Any]:
     return trials, front
 
 
+def _study_constraints(study: Any) -> tuple[str, ...]:
+    """The constraints stored with ``study`` (none for studies made before constraints existed)."""
+    return tuple((study.reference or {}).get("constraints") or ())
+
+
+def _study_device(study: Any) -> str:
+    settings = study.reference or {}
+    return " ".join(str(v) for v in (settings.get("device") or "cpu", settings.get("dtype") or "") if v)
+
+
 def _point_label(trial: Any) -> str:
     return str((trial.config or {}).get("baseline") or "")
 
 
-def _front_table(study: Any, trials: list[Any], title: str | None = None) -> Any:
+def _front_table(study: Any, trials: list[Any], title: str | None = None, constraints: Sequence[str] = ()) -> Any:
     from rich.table import Table
 
+    from difftune.store import parse_constraint
+
     names = [o.name for o in study.objectives]
-    extra = [n for n in ("latency_ms", "nfe") if n not in names]
-    table = Table(title=title or f"Pareto front of {study.name!r} ({study.space} space, {len(trials)} points)")
+    bounded = [parse_constraint(c).metric for c in constraints]
+    extra = [n for n in (*bounded, "latency_ms", "nfe") if n not in names]
+    extra = list(dict.fromkeys(extra))
+    title = title or f"Pareto front of {study.name!r} ({study.space} space, {len(trials)} points)"
+    if constraints:
+        title += f" · feasible points only: {' and '.join(constraints)}"
+    table = Table(title=title)
     table.add_column("trial", justify="right")
     table.add_column("baseline")
     for objective in study.objectives:
@@ -312,11 +329,38 @@ def _select_hint(study: Any, trials: list[Any]) -> str:
     return f"best {study.objectives[0].name}"
 
 
+#: Exit code of a run whose trials all failed (the reasons are printed).
+EXIT_ALL_FAILED = 1
+
+
+def _print_failures(result: Any) -> None:
+    """The most common failure reasons of a run, with counts, on stderr."""
+    err_console.print(
+        f"[red]error:[/] every trial of this run failed ({result.new_failed} of {result.new_trials}); "
+        f"study {result.study.name!r} holds {result.complete} complete trials. Most common reasons:",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for reason, count in list(result.failures.items())[:5]:
+        err_console.print(f"  {count} × {reason}", highlight=False, soft_wrap=True)
+
+
+def _on_start(verb: str) -> Callable[[Any], None]:
+    def show(settings: Any) -> None:
+        console.print(f"{verb} {settings.model} on {settings.describe_call()}", highlight=False, soft_wrap=True)
+
+    return show
+
+
 @app.command()
 def calibrate(
-    model: Annotated[str, typer.Option(help="'embedded', a diffusers pipeline directory, or a cached hub id.")] = (
-        "embedded"
-    ),
+    model: Annotated[
+        str,
+        typer.Option(
+            help="'embedded', a diffusers pipeline directory, a single-file checkpoint, or a hub id already in the "
+            "local Hugging Face cache (never downloaded)."
+        ),
+    ] = "embedded",
     space: Annotated[str, typer.Option(help="Search space: cache, solver or joint.")] = "cache",
     budget: Annotated[
         int, typer.Option(min=1, help="Finished trials the study must hold; rerunning with more resumes.")
@@ -328,23 +372,99 @@ def calibrate(
     searcher: Annotated[str | None, typer.Option(help="nsga2, tpe, gp or random (default: the space's own).")] = None,
     seed: Annotated[int, typer.Option(help="The searcher's seed.")] = 0,
     steps: Annotated[int, typer.Option(min=2, help="num_inference_steps of the reference setting.")] = 20,
-    samples: Annotated[int, typer.Option(min=2, help="Calibration samples per trial.")] = 20,
+    samples: Annotated[int, typer.Option(min=2, help="Calibration samples per trial (prompts × seeds).")] = 20,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Images per pipeline call (default: all samples at once; large models need a few per call)."
+        ),
+    ] = None,
     nfe: Annotated[
         str, typer.Option(help="solver / joint spaces: the range of model evaluations searched, LOW:HIGH.")
     ] = "3:12",
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="cpu, cuda, cuda:N or mps (default: CUDA when present, else the CPU). A device this machine "
+            "lacks is an error, never a silent CPU run."
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="float32, float16 or bfloat16 (default: the weights' own dtype).")
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision (branch, tag or commit) of a hub id --model.")
+    ] = None,
+    pipeline_class: Annotated[
+        str | None,
+        typer.Option(
+            help="Single-file checkpoint --model: its diffusers pipeline class, e.g. StableDiffusionXLPipeline "
+            "(default: inferred from the file)."
+        ),
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            help="Single-file checkpoint --model: a local pipeline directory or cached hub id with the pipeline's "
+            "configs (default: the hub repo diffusers associates with the checkpoint, if cached)."
+        ),
+    ] = None,
+    prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="Calibration prompts: a text file with one prompt per line ('#' starts a comment) or a JSON list "
+            "(class names for class-conditional models). Default: the family's built-in set."
+        ),
+    ] = None,
+    negative_prompt: Annotated[str | None, typer.Option(help="Negative prompt of every call.")] = None,
+    height: Annotated[int | None, typer.Option(min=8, help="Image height (default: the pipeline's).")] = None,
+    width: Annotated[int | None, typer.Option(min=8, help="Image width (default: the pipeline's).")] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance scale (default: the pipeline's).")
+    ] = None,
+    call_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Another keyword argument of the pipeline call, KEY=VALUE with a JSON value (repeatable), e.g. "
+            "max_sequence_length=256 or use_resolution_binning=false.",
+        ),
+    ] = None,
+    objectives: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated objectives, each NAME or NAME:min|max, e.g. speedup,psnr,lpips (default: "
+            "speedup,psnr,class_accuracy for the embedded model, speedup,psnr,sharpness otherwise)."
+        ),
+    ] = None,
+    constraint: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A bound every front point must meet, e.g. 'lpips<=0.1' (repeatable); the searcher treats "
+            "points that miss it as infeasible."
+        ),
+    ] = None,
 ) -> None:
     """Run or resume a study until it holds --budget finished trials; print its Pareto front.
 
     Spaces: cache (structured cache masks at --steps), solver (USF schedules of --nfe evaluations),
     joint (a solver schedule plus an optional cache mask over its steps). The baselines
     (DPM-Solver++ / UniPC / DDIM at their best spacing, FORA, FirstBlockCache, …) run first.
+
+    The device, dtype, prompts, call options, objectives and constraints are stored with the study:
+    `difftune worker`, `fronts` and `export` reuse them. Everything is checked (one short probe
+    call of the pipeline) before the database is opened. Exit codes: 0 done, 1 every trial of the run
+    failed (the reasons are printed), 2 bad input.
     """
     try:
         low, high = (int(v) for v in nfe.split(":"))
     except ValueError:
         raise DifftuneError(f"--nfe: expected LOW:HIGH, e.g. 3:12, got {nfe!r}") from None
     from difftune.search.runner import default_study_name, run_study
+    from difftune.search.settings import parse_call_args, read_prompts
 
+    _quiet_loading()
+    extra_args = parse_call_args(call_arg or [])
+    prompt_list = read_prompts(prompts) if prompts is not None else None
     name = study or default_study_name(model, space)
     with _trial_progress("calibrating", name, budget) as on_trial:
         result = run_study(
@@ -359,13 +479,31 @@ def calibrate(
             samples=samples,
             progress=on_trial,
             nfe_range=(low, high),
+            device=device,
+            dtype=dtype,
+            revision=revision,
+            prompts=prompt_list,
+            negative_prompt=negative_prompt,
+            height=height,
+            width=width,
+            guidance_scale=guidance_scale,
+            call_args=extra_args,
+            batch_size=batch_size,
+            pipeline_class=pipeline_class,
+            config=config,
+            objectives=[objectives] if objectives else None,
+            constraints=list(constraint or []),
+            on_start=_on_start("calibrating"),
         )
-    console.print(_front_table(result.study, result.front))
+    console.print(_front_table(result.study, result.front, constraints=result.constraints))
     failed = f", {result.failed} failed" if result.failed else ""
     console.print(
         f"study {result.study.name!r} holds {result.finished} finished trials ({result.new_trials} new{failed}) "
         f"in {result.storage}"
     )
+    if result.all_failed:
+        _print_failures(result)
+        sys.exit(EXIT_ALL_FAILED)
     where = f" --storage {storage}" if storage else ""
     console.print("Next:")
     console.print(f"  difftune fronts --study {name}{where}", highlight=False, soft_wrap=True)
@@ -417,17 +555,32 @@ def worker(
         int | None, typer.Option(min=1, help="Stop after this many trials even if the budget is not used up.")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="The sampler's seed (default: random per worker).")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="This worker's device, e.g. cuda:1 (default: the study's); its type must be the study's."),
+    ] = None,
 ) -> None:
     """Join a running study as one more worker: claim and run its trials until its budget is used up.
 
-    The model, space, searcher, objectives and calibration settings are the study's own. Workers
-    coordinate only through the database: no trial is run twice and the budget is never exceeded.
+    The model, device type, dtype, prompts, call options, space, searcher, objectives and constraints
+    are the study's own; a worker on another kind of device is refused (its timings would not
+    compare). Workers coordinate only through the database: no trial is run twice and the budget is
+    never exceeded.
     """
     from difftune.search.runner import run_worker
 
+    _quiet_loading()
     _open_existing_store(storage).close()  # a missing database is bad input, not a new empty one
     with _trial_progress("working on", study, None) as on_trial:
-        result = run_worker(study, storage, progress=on_trial, seed=seed, max_trials=max_trials)
+        result = run_worker(
+            study,
+            storage,
+            progress=on_trial,
+            seed=seed,
+            max_trials=max_trials,
+            device=device,
+            on_start=_on_start("working on"),
+        )
     failed = f", {result.failed} failed" if result.failed else ""
     console.print(
         f"worker ran {result.new_trials} trials; study {result.study.name!r} holds {result.finished} finished "
@@ -435,6 +588,9 @@ def worker(
         highlight=False,
         soft_wrap=True,
     )
+    if result.new_trials and result.all_failed:
+        _print_failures(result)
+        sys.exit(EXIT_ALL_FAILED)
 
 
 def _front_json(study: Any, trials: list[Any], front: Any) -> dict[str, Any]:
@@ -444,6 +600,9 @@ def _front_json(study: Any, trials: list[Any], front: Any) -> dict[str, Any]:
         "searcher": study.searcher,
         "status": study.status.value,
         "objectives": [o.to_dict() for o in study.objectives],
+        "constraints": list(_study_constraints(study)),
+        "device": (study.reference or {}).get("device") or "cpu",
+        "dtype": (study.reference or {}).get("dtype"),
         "computed_at": None if front is None else front.computed_at.isoformat(),
         "points": [
             {
@@ -485,8 +644,11 @@ def fronts(
         return
     for record, trials, front in out:
         when = "live, not recorded yet" if front is None else f"recorded {front.computed_at:%Y-%m-%d %H:%M}"
-        title = f"{record.name} — {record.space} space, {record.searcher}, {len(trials)} points ({when})"
-        console.print(_front_table(record, trials, title=title))
+        title = (
+            f"{record.name} — {record.space} space, {record.searcher}, {_study_device(record)}, {len(trials)} points "
+            f"({when})"
+        )
+        console.print(_front_table(record, trials, title=title, constraints=_study_constraints(record)))
 
 
 @app.command()
@@ -531,6 +693,7 @@ def export(
     if format not in FORMATS:
         raise DifftuneError(f"--format {format!r}: expected one of {', '.join(FORMATS)}")
     parse_select(select)  # a malformed expression fails before the database is opened
+    _quiet_loading()
     store = _open_existing_store(storage)  # a missing SQLite file is an error, never created
     try:
         with console.status("exporting …") as status:
@@ -586,6 +749,24 @@ def _quiet_libraries() -> None:
     logging.getLogger().addHandler(logging.NullHandler())
     for name in ("torch", "torchao", "diffusers", "transformers", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # transformers and diffusers set their loggers' levels from these when they are imported (later, in a
+    # command), and the hub's progress bars (transformers' "Loading weights") follow the third.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _quiet_loading() -> None:
+    """No "Loading pipeline components" bars on stderr while a command loads a pipeline (DIFFTUNE_VERBOSE=1
+    keeps them)."""
+    if os.environ.get("DIFFTUNE_VERBOSE"):
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,11 +26,22 @@ from .calibration import (
     generate,
     read_prompt_file,
 )
-from .conditioning import ClassAccuracy, class_agreement, clip_model_path
+from .conditioning import (
+    ClassAccuracy,
+    CLIPScore,
+    ImageRewardScore,
+    class_agreement,
+    clip_model_path,
+    clip_scores,
+    image_reward_unavailable_reason,
+    load_clip,
+)
 from .distribution import (
     ClassifierFeatures,
     ClassifierFID,
     FeatureStatistics,
+    InceptionFID,
+    default_inception_weights,
     feature_statistics,
     inception_fid_unavailable_reason,
     real_digit_statistics,
@@ -50,16 +61,18 @@ from .metrics import (
     register_metric_factory,
 )
 from .quality import (
+    LPIPS,
     MSE,
     PSNR,
     PSNR_MAX_DB,
     SSIM,
+    lpips_per_image,
     lpips_unavailable_reason,
     mse_per_image,
     psnr_per_image,
     ssim_per_image,
 )
-from .reference import Reference, ReferenceCache, ReferenceSetting, default_cache_dir
+from .reference import Reference, ReferenceCache, ReferenceSetting, default_cache_dir, shared_weights_copy
 from .rungs import DEFAULT_RUNGS, Rung, check_rungs, make_rungs
 
 __all__ = [
@@ -67,6 +80,7 @@ __all__ = [
     "DEFAULT_METRICS",
     "DEFAULT_RUNGS",
     "DIT_LABELS",
+    "LPIPS",
     "METRIC_KINDS",
     "MSE",
     "PSNR",
@@ -76,6 +90,7 @@ __all__ = [
     "SSIM",
     "ABResult",
     "BoundMetric",
+    "CLIPScore",
     "CalibrationSet",
     "ClassAccuracy",
     "ClassifierFID",
@@ -83,6 +98,8 @@ __all__ = [
     "DenoiserCalls",
     "EvalBatch",
     "FeatureStatistics",
+    "ImageRewardScore",
+    "InceptionFID",
     "Latency",
     "LatencyOptions",
     "MetricContext",
@@ -97,12 +114,17 @@ __all__ = [
     "check_rungs",
     "class_agreement",
     "clip_model_path",
+    "clip_scores",
     "default_cache_dir",
+    "default_inception_weights",
     "default_metrics",
     "evaluate",
     "feature_statistics",
     "generate",
+    "image_reward_unavailable_reason",
     "inception_fid_unavailable_reason",
+    "load_clip",
+    "lpips_per_image",
     "lpips_unavailable_reason",
     "make_rungs",
     "measure",
@@ -116,5 +138,6 @@ __all__ = [
     "real_digit_statistics",
     "register_metric",
     "register_metric_factory",
+    "shared_weights_copy",
     "ssim_per_image",
 ]

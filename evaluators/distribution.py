@@ -16,9 +16,11 @@ FID is biased upwards at small sample counts — real digits against the real st
 with 719 images, 11–13 with 300 and 35–60 with 100 — so compare values only at equal sample counts
 (within one rung), and read them against the real-data floor at that count.
 
-Other families use torchmetrics' InceptionV3 FID (needs ``torch-fidelity`` and its weights file in
-torch's hub cache), with the reference setting's images as the "real" distribution — the FID-to-
-reference that caching papers report.
+Other families use the standard InceptionV3 FID (:class:`InceptionFID`: torchmetrics' FID on difftune's
+plain-torch copy of torch-fidelity's network, so neither torch-fidelity nor torchvision is needed, only
+torch-fidelity's weights file in torch's hub cache or at ``options={"inception_weights": PATH}``), with
+the reference setting's images as the "real" distribution — the FID-to-reference that caching papers
+report.
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from typing import Any
 import torch
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
 
 from difftune.errors import EvaluationError
 
 from ._embedded import committed_classifier
+from ._inception import INCEPTION_WEIGHTS_URL, load_inception
 from .metrics import BoundMetric, EvalBatch, MetricContext, register_metric_factory
 
 __all__ = [
@@ -42,6 +44,8 @@ __all__ = [
     "ClassifierFID",
     "ClassifierFeatures",
     "FeatureStatistics",
+    "InceptionFID",
+    "default_inception_weights",
     "feature_statistics",
     "inception_fid_unavailable_reason",
     "real_digit_statistics",
@@ -162,28 +166,56 @@ class ClassifierFID(FrechetInceptionDistance):
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 
 
+def default_inception_weights() -> Path:
+    """Where torch-fidelity keeps its InceptionV3 checkpoint: ``torch.hub.get_dir()/checkpoints/<file>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+
+
 def inception_fid_unavailable_reason(weights: str | Path | None = None) -> str | None:
-    """None when InceptionV3 FID can run without downloading, else what is missing and how to get it."""
-    if not _TORCH_FIDELITY_AVAILABLE:
-        return (
-            "fid on this model family uses InceptionV3 features, which need torch-fidelity: "
-            "pip install torch-fidelity (or torchmetrics[image])"
-        )
-    path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    """None when InceptionV3 FID can run without downloading, else what is missing and how to get it.
+
+    Only the weights file is needed: the network is difftune's own copy of torch-fidelity's
+    (:mod:`~difftune.evaluators._inception`), so neither torch-fidelity nor torchvision is.
+    """
+    path = Path(weights) if weights else default_inception_weights()
     if not path.is_file():
         return (
-            f"fid needs torch-fidelity's InceptionV3 weights at {path} (difftune never downloads at run time); "
-            'fetch them once on a machine with internet (python -c "import torch_fidelity; '
-            "torch_fidelity.FeatureExtractorInceptionV3('inception-v3-compat', ['2048'])\") and copy the file, "
-            "or pass options={'inception_weights': PATH}"
+            f"fid on this model family uses InceptionV3 features and needs torch-fidelity's InceptionV3 weights "
+            f"{INCEPTION_WEIGHTS_FILE} at {path} (difftune never downloads at run time); fetch the file once on a "
+            f"machine with internet: curl -L -o {INCEPTION_WEIGHTS_FILE} {INCEPTION_WEIGHTS_URL} , then copy it to "
+            f"{default_inception_weights()} or pass options={{'inception_weights': PATH}}"
         )
     return None
+
+
+class InceptionFID(FrechetInceptionDistance):
+    """FID in torch-fidelity's InceptionV3 feature space (the standard FID network), without torch-fidelity.
+
+    Args:
+        weights: torch-fidelity's checkpoint (default :func:`default_inception_weights`); never downloaded.
+        num_features: the feature layer, 64 / 192 / 768 / 2048 (default: 2048, the standard FID).
+
+    ``update(images, real=…)`` takes N×3×H×W images in [0, 1] (or uint8). ``compute()`` is clamped at 0
+    (round-off can make a tiny FID negative) and needs at least 2 images of each side.
+    """
+
+    def __init__(self, weights: str | Path | None = None, num_features: int = 2048, **kwargs: Any) -> None:
+        reason = inception_fid_unavailable_reason(weights)
+        if reason is not None:
+            raise EvaluationError(reason)
+        network = load_inception(Path(weights) if weights else default_inception_weights(), num_features)
+        super().__init__(feature=network, normalize=True, **kwargs)
+
+    def compute(self) -> torch.Tensor:
+        if int(self.real_features_num_samples) < 2 or int(self.fake_features_num_samples) < 2:
+            raise EvaluationError("fid needs at least 2 images and 2 reference images")
+        return super().compute().clamp(min=0)
 
 
 @register_metric_factory("fid")
 def _build_fid(context: MetricContext) -> BoundMetric:
     """Embedded: :class:`ClassifierFID` (options ``classifier_path``, ``fid_real`` split). Others:
-    InceptionV3 FID to the reference images (option ``inception_weights``)."""
+    :class:`InceptionFID` to the reference images (options ``inception_weights``, ``inception_features``)."""
     if context.family == "embedded":
         path = context.options.get("classifier_path")
         classifier = committed_classifier(str(path) if path else None)
@@ -195,12 +227,8 @@ def _build_fid(context: MetricContext) -> BoundMetric:
         return BoundMetric(fid, feed_fake, needs_reference=False)
 
     weights = context.options.get("inception_weights")
-    reason = inception_fid_unavailable_reason(weights)
-    if reason is not None:
-        raise EvaluationError(reason)
-    path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
-    metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=str(path))
-    metric = metric.to(context.device)
+    dims = int(context.options.get("inception_features", 2048))
+    metric = InceptionFID(str(weights) if weights else None, dims).to(context.device)
 
     def feed(batch: EvalBatch) -> None:
         images, reference = _rgb(batch.images), _rgb(batch.require_reference("fid"))

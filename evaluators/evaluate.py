@@ -12,7 +12,8 @@ The caller applies the trial's acceleration setting to ``pipe`` (and removes it 
   (:func:`~difftune.evaluators.latency.measure_ab`) on the same batch in this process — the reference
   runs on ``reference.pipe``, which must not carry the trial's setting (``Reference.from_pipeline``
   copies the pipeline for that reason);
-- ``peak_memory_mb``: on CUDA only, None on the CPU;
+- ``peak_memory_mb``: on CUDA only (the peak allocated over the trial's own image-generating calls,
+  reset before them), None on the CPU;
 - image metrics (``psnr``, ``ssim``, ``mse``, ``lpips``, ``fid``, ``class_accuracy``, ``clip_score``)
   from :mod:`~difftune.evaluators.metrics`' registry.
 
@@ -42,7 +43,7 @@ import torch
 from difftune.errors import EvaluationError
 
 from .calibration import Sample, check_call_kwargs, generate
-from .latency import ABResult, measure, measure_ab, peak_memory_mb
+from .latency import ABResult, measure, measure_ab
 from .metrics import BoundMetric, EvalBatch, MetricContext, build_metric, metric_spec
 from .reference import Reference
 
@@ -267,6 +268,10 @@ def _evaluate(
     results: dict[str, float | None] = {}
     flops: int | None = None
 
+    if device.type == "cuda" and "peak_memory_mb" in names:
+        # The trial's own calls give its peak: no extra pipeline run just to read the memory.
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
     with DenoiserCalls(denoiser) as counter:
         for index, batch in enumerate(batches):
             if index == 0 and "flops_ratio" in names:
@@ -279,6 +284,9 @@ def _evaluate(
             item = EvalBatch(images, ref_images, [s.condition for s in batch])
             for metric in bound.values():
                 metric.update(item)
+    if device.type == "cuda" and "peak_memory_mb" in names:
+        torch.cuda.synchronize(device)
+        results["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     for name, metric in bound.items():
         results[name] = _check_value(name, metric.compute())
     if "nfe" in names:
@@ -309,9 +317,6 @@ def _evaluate(
         results["latency_ms"] = _check_value("latency_ms", ab.b.statistic(latency.statistic))
     if ab is not None and "speedup" in names:
         results["speedup"] = _check_value("speedup", ab.speedup_by(latency.statistic))
-    if "peak_memory_mb" in names:
-        # On the CPU there is no per-call peak to read, so the pipeline is not run again for nothing.
-        results["peak_memory_mb"] = (
-            peak_memory_mb(lambda: generate(pipe, timed, kwargs), device) if device.type == "cuda" else None
-        )
+    if "peak_memory_mb" in names and device.type != "cuda":
+        results["peak_memory_mb"] = None  # the CPU has no per-call peak to read
     return {name: results[name] for name in names}

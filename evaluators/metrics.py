@@ -24,6 +24,7 @@ import torch
 from torchmetrics import Metric
 
 from difftune.errors import EvaluationError
+from difftune.metric_table import METRIC_TABLE
 
 __all__ = [
     "METRIC_KINDS",
@@ -104,23 +105,8 @@ def metric_spec(name: str) -> MetricSpec:
     return spec
 
 
-_MAX: Direction = "maximize"
-_MIN: Direction = "minimize"
-for _spec in (
-    MetricSpec("nfe", _MIN, "calls", "denoiser evaluations per sampling run (calls that ran the network)", "cost"),
-    MetricSpec("latency_ms", _MIN, "ms", "median wall time of one pipeline call on the latency batch", "cost"),
-    MetricSpec("speedup", _MAX, "×", "reference latency / this latency, timed alternately in the same run", "cost"),
-    MetricSpec("peak_memory_mb", _MIN, "MiB", "peak CUDA memory allocated during one pipeline call", "cost"),
-    MetricSpec("flops_ratio", _MIN, "ratio", "FLOPs of one pipeline call / the reference setting's", "cost"),
-    MetricSpec("psnr", _MAX, "dB", "peak signal-to-noise ratio vs the reference image (mean over images)"),
-    MetricSpec("ssim", _MAX, "", "structural similarity vs the reference image (mean over images)"),
-    MetricSpec("mse", _MIN, "", "mean squared error vs the reference image, images in [0, 1]"),
-    MetricSpec("lpips", _MIN, "", "learned perceptual distance vs the reference image (needs torchvision nets)"),
-    MetricSpec("clip_score", _MAX, "", "CLIP image-text agreement ×100 (needs local CLIP weights)", "conditioning"),
-    MetricSpec("fid", _MIN, "", "Fréchet distance of the images' features to the real distribution", "distribution"),
-    MetricSpec("class_accuracy", _MAX, "fraction", "share of images classified as the requested class", "conditioning"),
-):
-    register_metric(_spec)
+for _row in METRIC_TABLE:  # the one table the store reads too
+    register_metric(MetricSpec(_row.name, _row.direction, _row.unit, _row.description, _row.kind))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -220,4 +206,4 @@ def build_metric(name: str, context: MetricContext) -> BoundMetric:
 
 def _load_factories() -> None:
     # The factories live beside their metrics; importing the modules registers them.
-    from . import conditioning, distribution, quality  # noqa: F401
+    from . import conditioning, distribution, quality, sharpness  # noqa: F401

@@ -1,4 +1,4 @@
-"""Quality against the reference: PSNR, SSIM, MSE (torchmetrics) and LPIPS (when its nets are available).
+"""Quality against the reference: PSNR, SSIM, MSE (torchmetrics) and LPIPS (when its backbone weights are here).
 
 Each metric compares a trial's image with the reference setting's image of the same sample (same
 label or prompt, same seed). Images are N×C×H×W in [0, 1]. The metrics accumulate over batches
@@ -11,14 +11,15 @@ outputs is nearer, in L2, to any one of them than another sharp sample is). The 
 conditioning metrics (:mod:`~difftune.evaluators.distribution`, :mod:`~difftune.evaluators.conditioning`)
 catch that; studies should carry one of them as an objective or a constraint.
 
-LPIPS needs torchvision's pretrained backbones (AlexNet / VGG16 / SqueezeNet weights in torch's hub
-cache). difftune never downloads them at run time: without them :func:`build_metric` raises
-:class:`~difftune.EvaluationError` saying what to install or where to put the file.
+LPIPS runs in plain torch (:mod:`~difftune.evaluators._lpips`; torchvision builds are tied to one torch
+release, so it is not used) but needs torchvision's pretrained backbone checkpoint (AlexNet / VGG16 /
+SqueezeNet1.1, in torch's hub cache or at ``options={"lpips_weights": PATH}``). difftune never downloads
+it at run time: without it :func:`build_metric` raises :class:`~difftune.EvaluationError` saying where
+to put the file and how to fetch it.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +27,21 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-from torchmetrics.utilities.imports import _TORCHVISION_AVAILABLE
 
 from difftune.errors import EvaluationError
 
+from ._lpips import BACKBONE_FILES, BACKBONE_URLS, LPIPSNet, default_backbone_path, heads_path, load_lpips_net
 from .metrics import BoundMetric, EvalBatch, MetricContext, register_metric_factory
 
 __all__ = [
+    "LPIPS",
     "LPIPS_WEIGHT_FILES",
     "MSE",
     "PSNR",
     "PSNR_MAX_DB",
     "SSIM",
+    "lpips_input",
+    "lpips_per_image",
     "lpips_unavailable_reason",
     "mse_per_image",
     "psnr_per_image",
@@ -214,73 +218,88 @@ def _build_mse(context: MetricContext) -> BoundMetric:
 # ---- LPIPS ---------------------------------------------------------------------------------------
 
 #: The torchvision backbone checkpoint each LPIPS net loads (torchmetrics ships the linear heads).
-LPIPS_WEIGHT_FILES = {
-    "alex": "alexnet-owt-7be5be79.pth",
-    "vgg": "vgg16-397923af.pth",
-    "squeeze": "squeezenet1_1-b8a52dc0.pth",
-}
-_TORCHVISION_HINT = (
-    f"install the torchvision release paired with torch {torch.__version__} from the same index as torch "
-    "(CPU builds: pip install torchvision --index-url https://download.pytorch.org/whl/cpu)"
-)
+LPIPS_WEIGHT_FILES = BACKBONE_FILES
 
 
-def _torchvision_error() -> str | None:
-    if not _TORCHVISION_AVAILABLE:
-        return "it is not installed"
-    try:
-        importlib.import_module("torchvision")
-    except Exception as exc:  # ImportError, or a RuntimeError when its C ops do not match this torch
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def lpips_unavailable_reason(net: str = "alex") -> str | None:
-    """None when LPIPS with backbone ``net`` can run here without downloading, else what is missing and how to
-    get it."""
-    if net not in LPIPS_WEIGHT_FILES:
-        return f"unknown LPIPS net {net!r}; choose one of {', '.join(LPIPS_WEIGHT_FILES)}"
-    weights = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_WEIGHT_FILES[net]
-    problem = _torchvision_error()
-    if problem is not None:
+def lpips_unavailable_reason(net: str = "alex", weights: str | Path | None = None) -> str | None:
+    """None when LPIPS with backbone ``net`` can run here without downloading, else what is missing and how
+    to get it. ``weights``: an explicit backbone checkpoint (default: torch's hub cache)."""
+    if net not in BACKBONE_FILES:
+        return f"unknown LPIPS net {net!r}; choose one of {', '.join(BACKBONE_FILES)}"
+    path = Path(weights) if weights is not None else default_backbone_path(net)
+    if not path.is_file():
+        default = default_backbone_path(net)
         return (
-            f"lpips needs torchvision's pretrained {net} backbone, but torchvision cannot be used ({problem}); "
-            f"{_TORCHVISION_HINT}; it also needs the backbone weights at {weights}"
+            f"lpips needs torchvision's pretrained {net} backbone checkpoint {BACKBONE_FILES[net]} at {path} "
+            "(difftune never downloads at run time; torchvision itself is not needed); fetch it once on a machine "
+            f'with internet: curl -L -o {BACKBONE_FILES[net]} {BACKBONE_URLS[net]} (or python -c "import '
+            f"torchvision; torchvision.models.{_TV_MODEL[net]}(weights='DEFAULT')\", which saves it under "
+            f"torch.hub.get_dir()/checkpoints), then copy the file to {default} or pass "
+            "options={'lpips_weights': PATH}"
         )
-    if not weights.is_file():
-        return (
-            f"lpips needs the torchvision backbone weights {weights} (difftune never downloads at run time); "
-            f'fetch them once on a machine with internet, e.g. python -c "import torchvision; '
-            f"torchvision.models.{_TV_MODEL[net]}(weights='DEFAULT')\", and copy the file there"
-        )
+    heads = heads_path(net)
+    if not heads.is_file():
+        return f"lpips needs the LPIPS linear heads {heads}, which torchmetrics ships; reinstall torchmetrics"
     return None
 
 
 _TV_MODEL = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
 
 
-@register_metric_factory("lpips")
-def _build_lpips(context: MetricContext) -> BoundMetric:
-    """Option ``lpips_net``: ``"alex"`` (default), ``"vgg"`` or ``"squeeze"``."""
-    net = str(context.options.get("lpips_net", "alex"))
-    reason = lpips_unavailable_reason(net)
-    if reason is not None:
-        raise EvaluationError(reason)
-    from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-    metric = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True).to(context.device)  # type: ignore[arg-type]
-
-    def feed(batch: EvalBatch) -> None:
-        metric.update(_lpips_input(batch.images), _lpips_input(batch.require_reference("lpips")))
-
-    return BoundMetric(metric, feed, needs_reference=True)
-
-
-def _lpips_input(images: torch.Tensor) -> torch.Tensor:
-    # The backbones want RGB and enough pixels for their strided stems: grey 16×16 digits would vanish.
+def lpips_input(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as the LPIPS backbones want them: RGB, at least 64 pixels a side, in [-1, 1]."""
+    # Grey 16×16 digits would vanish in the backbones' strided stems: repeat the channel and upsample.
     x = images.float()
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
+    if x.shape[1] != 3:
+        raise EvaluationError(f"lpips: expected grey or RGB images, got {x.shape[1]} channels")
     if min(x.shape[-2:]) < 64:
         x = F.interpolate(x, scale_factor=64 / min(x.shape[-2:]), mode="bilinear", align_corners=False)
-    return x.clamp(0, 1)
+    return x.clamp(0, 1) * 2 - 1
+
+
+def lpips_per_image(net: LPIPSNet, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """LPIPS distance of each image pair (N×C×H×W in [0, 1]) under ``net``: (N,), 0 for identical images."""
+    _check_pair(preds, target, "lpips")
+    dtype = next(net.parameters()).dtype
+    with torch.no_grad():
+        return net(lpips_input(preds).to(dtype), lpips_input(target).to(dtype)).float()
+
+
+class LPIPS(_MeanOverImages):
+    """Mean per-image LPIPS distance against the reference (0 = identical; lower is better).
+
+    Plain-torch LPIPS (:mod:`difftune.evaluators._lpips`): torchvision's AlexNet / VGG16 / SqueezeNet1.1
+    feature stack loaded from torchvision's checkpoint file, torchmetrics' LPIPS linear heads, the
+    reference's math (scaling layer, channel-normalised features, squared differences weighed by the
+    heads, spatial mean, sum over layers). Grey images are repeated to RGB and images under 64 pixels
+    a side are upsampled first.
+
+    Args:
+        net: ``"alex"`` (default), ``"vgg"`` or ``"squeeze"``.
+        weights: the backbone checkpoint (default ``torch.hub.get_dir()/checkpoints/<torchvision file>``).
+            Nothing is downloaded: a missing file raises :class:`~difftune.EvaluationError`.
+    """
+
+    higher_is_better = False
+    name = "lpips"
+
+    def __init__(self, net: str = "alex", weights: str | Path | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        reason = lpips_unavailable_reason(net, weights)
+        if reason is not None:
+            raise EvaluationError(reason)
+        self.net = load_lpips_net(net, weights)
+
+    def _per_image(self, preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return lpips_per_image(self.net, preds, target)
+
+
+@register_metric_factory("lpips")
+def _build_lpips(context: MetricContext) -> BoundMetric:
+    """Options: ``lpips_net`` (``"alex"`` default, ``"vgg"``, ``"squeeze"``), ``lpips_weights`` (the backbone's
+    torchvision checkpoint; default: torch's hub cache)."""
+    net = str(context.options.get("lpips_net", "alex"))
+    weights = context.options.get("lpips_weights")
+    return _paired(LPIPS(net, str(weights) if weights else None).to(context.device), "lpips")

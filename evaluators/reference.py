@@ -13,8 +13,11 @@ all of them, and the shape and dtype.
 The :class:`Reference` runs its own pipeline object: trials apply their acceleration settings to
 the pipeline being evaluated, while the reference must keep running the plain setting (for the A/B
 latency measurement in the same process). :meth:`Reference.from_pipeline` therefore copies the
-pipeline by default — cheap for the embedded model; for large models pass ``copy=False`` and give
-trials their own pipeline instance instead.
+pipeline by default — but only its module *objects*: every parameter and buffer of the copy shares
+its storage with the original (:func:`shared_weights_copy`), so a reference for SD-XL or Flux on a
+GPU costs no second copy of the weights. Techniques replace forwards, schedulers and whole
+parameters (quantization assigns ``weight.data``), never write into a weight tensor in place, so
+the reference stays plain.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from difftune.errors import EvaluationError
 
 from .calibration import Sample, check_call_kwargs, generate
 
-__all__ = ["FORMAT", "Reference", "ReferenceCache", "ReferenceSetting", "default_cache_dir"]
+__all__ = ["FORMAT", "Reference", "ReferenceCache", "ReferenceSetting", "default_cache_dir", "shared_weights_copy"]
 
 #: The ``format`` metadata of a cached reference file; a different value is refused.
 FORMAT = "difftune-reference/1"
@@ -67,12 +70,15 @@ class ReferenceSetting:
         scheduler: the scheduler's class name.
         scheduler_config: its config (private ``_…`` keys are ignored).
         accel: profile-section dicts of techniques applied to the reference pipeline (usually empty).
+        device: the device type the images are drawn on (``"cpu"``, ``"cuda"``, …): kernels differ by
+            device, so images drawn on a GPU are cached apart from the CPU's.
     """
 
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
     scheduler: str = ""
     scheduler_config: Mapping[str, Any] = field(default_factory=dict)
     accel: Mapping[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "call_kwargs", check_call_kwargs(self.call_kwargs))
@@ -86,20 +92,25 @@ class ReferenceSetting:
         """The setting of ``pipe`` as it is (its scheduler) called with ``call_kwargs``."""
         scheduler = getattr(pipe, "scheduler", None)
         config = dict(getattr(scheduler, "config", {}) or {})
+        device = getattr(pipe, "device", None)
         return cls(
             call_kwargs=call_kwargs,
             scheduler=type(scheduler).__name__ if scheduler is not None else "",
             scheduler_config={k: v for k, v in config.items() if not str(k).startswith("_")},
             accel=dict(accel or {}),
+            device=str(getattr(device, "type", device or "cpu")),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "call_kwargs": dict(self.call_kwargs),
             "scheduler": self.scheduler,
             "scheduler_config": {k: v for k, v in self.scheduler_config.items() if not str(k).startswith("_")},
             "accel": dict(self.accel),
         }
+        if self.device != "cpu":  # CPU settings keep the digest (and the cached images) they always had
+            out["device"] = self.device
+        return out
 
     def digest(self) -> str:
         """A stable hash of the setting: the cache key of its images."""
@@ -181,6 +192,31 @@ class ReferenceCache:
         return path
 
 
+def shared_weights_copy(obj: Any) -> Any:
+    """A deep copy of ``obj`` (a pipeline or module) whose parameters and buffers share storage with the
+    originals: new module, scheduler and parameter *objects*, no second copy of the weights.
+
+    A technique that swaps a parameter's data (``weight.data = fake``), replaces a module's forward or
+    the scheduler on one side leaves the other side untouched; writing into a weight in place
+    (``weight.copy_(…)``) would show on both.
+    """
+    import torch
+
+    memo: dict[int, Any] = {}
+    modules = (
+        [v for v in vars(obj).values() if isinstance(v, torch.nn.Module)]
+        if not isinstance(obj, torch.nn.Module)
+        else [obj]
+    )
+    for module in modules:
+        for param in module.parameters():
+            if id(param) not in memo:
+                memo[id(param)] = torch.nn.Parameter(param.data, requires_grad=param.requires_grad)
+        for buffer in module.buffers():
+            memo.setdefault(id(buffer), buffer)
+    return _copy.deepcopy(obj, memo)
+
+
 class Reference:
     """The study's reference setting on its own pipeline: cached images, FLOPs, and a runner for latency.
 
@@ -234,11 +270,12 @@ class Reference:
     ) -> Reference:
         """The reference setting ``pipe`` (as it is now) called with ``call_kwargs``.
 
-        With ``copy`` (the default) the reference runs on a deep copy, so that trial settings applied
-        to ``pipe`` afterwards never touch it. ``accel`` records acceleration already applied to
-        ``pipe`` (profile-section dicts) in the setting's cache key.
+        With ``copy`` (the default) the reference runs on a copy whose modules are its own but whose
+        weights are shared (:func:`shared_weights_copy`), so that trial settings applied to ``pipe``
+        afterwards never touch it and no second copy of the weights is made. ``accel`` records
+        acceleration already applied to ``pipe`` (profile-section dicts) in the setting's cache key.
         """
-        ref_pipe = _copy.deepcopy(pipe) if copy else pipe
+        ref_pipe = shared_weights_copy(pipe) if copy else pipe
         setting = ReferenceSetting.from_pipeline(ref_pipe, accel=accel, **call_kwargs)
         return cls(ref_pipe, setting, cache=cache, batch_size=batch_size)
 

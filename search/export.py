@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -112,14 +111,13 @@ class ExportResult:
 # --------------------------------------------------------------------------------------------
 
 
-def held_out_samples(pipe: Any, n: int) -> list[Any]:
-    """The first ``n`` held-out samples for ``pipe``: the calibration conditions, seeds from the held-out range,
-    seed-major like the study's calibration samples (so they cover the conditions evenly)."""
-    from difftune.evaluators import CalibrationSet
+def held_out_samples(pipe: Any, n: int, settings: Any = None) -> list[Any]:
+    """The first ``n`` held-out samples for ``pipe``: the study's calibration conditions (its prompts, or the
+    family's built-in set), seeds from the held-out range, seed-major like the study's calibration samples
+    (so they cover the conditions evenly)."""
+    from difftune.search.settings import StudySettings
 
-    conditions = len(CalibrationSet.for_pipeline(pipe, seeds=1, split="held_out"))
-    held = CalibrationSet.for_pipeline(pipe, seeds=max(1, math.ceil(n / conditions)), split="held_out")
-    return list(held)[:n]
+    return (settings or StudySettings()).samples_for(pipe, n, split="held_out")
 
 
 def _overfit_warnings(calibration: Mapping[str, float], held_out: Mapping[str, float]) -> list[str]:
@@ -451,7 +449,8 @@ def export_point(
     owned = store is not storage_or_store
     try:
         record = store.get_study(study)
-        point = select_point(store.pareto_front(record.id), select)
+        settings = _settings_of(record)
+        point = select_point(store.pareto_front(record.id, constraints=settings.constraints), select)
         stored = (point.config or {}).get("profile")
         if not isinstance(stored, dict):
             raise StoreError(f"trial {point.number} of study {study!r} has no stored profile; it cannot be exported")
@@ -461,7 +460,7 @@ def export_point(
 
         pipe = None
         if validate or format == "diffusers":
-            pipe = _study_pipeline(store, record, reference_info, pipeline, say)
+            pipe = _study_pipeline(store, record, settings, pipeline, say)
 
         held: dict[str, float] = {}
         seeds: tuple[int, ...] = ()
@@ -469,10 +468,10 @@ def export_point(
         if validate:
             assert pipe is not None
             n = samples or int(reference_info.get("samples") or 0) or 20
-            chosen = held_out_samples(pipe, n)
+            chosen = held_out_samples(pipe, n, settings)
             seeds = tuple(sorted({s.seed for s in chosen}))
             say(f"re-measuring trial {point.number} on {len(chosen)} held-out samples …")
-            held = _measure(pipe, profile, chosen, reference_info, calibration, latency_repeats)
+            held = _measure(pipe, profile, chosen, settings, calibration, latency_repeats)
             point = store.record_metrics(point.id, held, split=HELD_OUT, replace=True)
 
         metrics: dict[str, dict[str, Any]] = {}
@@ -525,19 +524,34 @@ def export_point(
     )
 
 
-def _study_pipeline(
-    store: Any, record: Any, reference_info: Mapping[str, Any], pipeline: Any, say: Callable[[str], None]
-) -> Any:
-    """The pipeline of the study's model, checked to hold the weights the study was run on."""
-    from difftune.models import describe, load_pipeline
+def _settings_of(record: Any) -> Any:
+    """The study's settings; a study without them (made outside ``calibrate``) gets the defaults."""
+    from difftune.search.settings import StudySettings
+
+    stored = dict(record.reference or {})
+    return StudySettings.from_dict(stored) if "model" in stored else StudySettings()
+
+
+def _study_pipeline(store: Any, record: Any, settings: Any, pipeline: Any, say: Callable[[str], None]) -> Any:
+    """The pipeline of the study's model on the study's device and dtype, checked to hold the weights the
+    study was run on."""
+    import dataclasses as _dc
+
+    from difftune.models import describe
+    from difftune.search.settings import resolve_device
 
     model = store.get_model(record.model_id)
+    name = settings.model or model.name
+    try:
+        device = resolve_device(settings.device) if settings.device else None
+    except DifftuneError as exc:
+        raise DifftuneError(
+            f"study {record.name!r} was measured on {settings.device}, which this machine lacks ({exc}); export it "
+            "on such a machine, or with --no-validate to keep the calibration figures"
+        ) from None
     if pipeline is None:
-        name = reference_info.get("model") or model.name
         say(f"loading {name} …")
-        pipeline = load_pipeline(name)
-    if hasattr(pipeline, "set_progress_bar_config"):
-        pipeline.set_progress_bar_config(disable=True)
+    pipeline = _dc.replace(settings, model=name, device=device).load_pipeline(pipeline)
     fingerprint = describe(pipeline).fingerprint
     if fingerprint != model.fingerprint:
         raise DifftuneError(
@@ -552,17 +566,21 @@ def _measure(
     pipe: Any,
     profile: Any,
     chosen: Sequence[Any],
-    reference_info: Mapping[str, Any],
+    settings: Any,
     calibration: Mapping[str, float],
     latency_repeats: int,
 ) -> dict[str, float]:
-    """The runner's evaluation of one trial (same reference, metrics and call), on ``chosen`` samples."""
+    """The runner's evaluation of one trial (same reference call, metrics and timing), on ``chosen`` samples."""
     from difftune.evaluators import LatencyOptions, Reference, evaluate
     from difftune.profile import apply_profile
+    from difftune.search.settings import device_type
 
-    steps = int(reference_info.get("num_inference_steps") or profile.context.num_inference_steps)
-    names = list(reference_info.get("metrics") or calibration)
-    reference = Reference.from_pipeline(pipe, num_inference_steps=steps, batch_size=len(chosen))
+    steps = int(settings.num_inference_steps or profile.context.num_inference_steps)
+    names = list(settings.metrics or calibration)
+    call = settings.call_kwargs(pipe)
+    per_call = min(settings.batch_size or len(chosen), len(chosen))
+    reference = Reference.from_pipeline(pipe, num_inference_steps=steps, batch_size=per_call, **call)
+    statistic = "median" if device_type(str(getattr(pipe, "device", "cpu"))) == "cuda" else "paired"
     handle = apply_profile(pipe, profile)
     try:
         measured = evaluate(
@@ -570,7 +588,7 @@ def _measure(
             chosen,
             reference,
             metrics=names,
-            latency=LatencyOptions(warmup=1, repeats=latency_repeats),
+            latency=LatencyOptions(warmup=1, repeats=latency_repeats, statistic=statistic),
             call_kwargs={"num_inference_steps": profile.context.num_inference_steps},
         )
     finally:

@@ -82,10 +82,17 @@ class OptunaSearcher(Searcher):
         attrs = {"difftune:baseline": baseline} if baseline else None
         self.study.enqueue_trial(dict(params), user_attrs=attrs, skip_if_exists=True)
 
-    def add_completed(self, params: Mapping[str, Any], values: Sequence[float], baseline: str | None = None) -> None:
+    def add_completed(
+        self,
+        params: Mapping[str, Any],
+        values: Sequence[float],
+        baseline: str | None = None,
+        constraints: Mapping[str, float] | None = None,
+    ) -> None:
         """Tell the sampler about a point evaluated outside ask/tell (a baseline, a retry).
 
         For NSGA-II the point joins generation 0, so that baselines are parents of the first children.
+        ``constraints`` are ``name → value``, feasible when ≤ 0 (as in :meth:`tell`).
         """
         import optuna
 
@@ -96,7 +103,8 @@ class OptunaSearcher(Searcher):
         for name, dist in dists.items():
             if not dist._contains(dist.to_internal_repr(clean[name])):
                 return  # outside the searched ranges: the sampler could not use it anyway
-        system_attrs = {}
+        # Optuna's own key for a trial's constraints (what Trial.set_constraint writes).
+        system_attrs: dict[str, Any] = {f"constraints:{k}": float(v) for k, v in (constraints or {}).items()}
         if isinstance(self.study.sampler, optuna.samplers.NSGAIISampler):
             system_attrs[f"{type(self.study.sampler).__name__}:generation"] = 0
         self.study.add_trial(

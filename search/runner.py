@@ -25,6 +25,7 @@ never writes to the database.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -62,12 +63,18 @@ DEFAULT_NFE_RANGE = (3, 12)
 DEFAULT_SAMPLES = 20
 #: ``num_inference_steps`` of the reference setting and of every cache mask.
 DEFAULT_STEPS = 20
-#: Speed, fidelity to the reference, and a conditioning/distribution metric that catches blur and
-#: wrong classes which PSNR alone would trade away.
+#: The embedded model's objectives: speed, fidelity to the reference, and a conditioning metric that
+#: catches blur and wrong classes which PSNR alone would trade away.
 DEFAULT_OBJECTIVES: tuple[tuple[str, str], ...] = (
     ("speedup", "maximize"),
     ("psnr", "maximize"),
     ("class_accuracy", "maximize"),
+)
+#: Every other family's objectives: speed, fidelity, and the blur guard that needs no weights.
+DEFAULT_OBJECTIVES_OTHER: tuple[tuple[str, str], ...] = (
+    ("speedup", "maximize"),
+    ("psnr", "maximize"),
+    ("sharpness", "maximize"),
 )
 #: Seconds without a heartbeat after which a running trial's worker (on another machine) is taken for
 #: dead: the trial is failed as interrupted and its point retried. Workers beat every HEARTBEAT_S;
@@ -83,11 +90,15 @@ HV_REFERENCE: dict[str, float] = {
     "ssim": 0.5,
     "class_accuracy": 0.5,
     "clip_score": 0.0,
+    "sharpness": 0.5,
 }
-#: Every study keeps at least one of these as an objective.
-DISTRIBUTION_METRICS = ("fid", "class_accuracy", "clip_score")
+#: Every study keeps at least one of these as an objective or a constraint: a distribution, conditioning
+#: or perceptual metric that catches the blurred or wrong-class points PSNR alone would trade in.
+DISTRIBUTION_METRICS = ("fid", "class_accuracy", "clip_score", "image_reward", "sharpness", "lpips")
 #: Measured for every trial besides the objectives (``peak_memory_mb`` only on CUDA).
-EXTRA_METRICS = ("nfe", "flops_ratio", "latency_ms", "ssim", "mse", "fid", "peak_memory_mb")
+EXTRA_METRICS = ("nfe", "flops_ratio", "latency_ms", "ssim", "mse", "sharpness", "peak_memory_mb")
+#: Measured besides the objectives when their weights are on this machine (never downloaded).
+OPTIONAL_METRICS = ("lpips", "clip_score", "image_reward", "fid")
 
 
 @dataclass(frozen=True)
@@ -118,6 +129,18 @@ class RunResult:
     #: seconds spent evaluating trials (decode, apply, evaluate) and in the searcher's and the
     #: store's own work around them (claims, ask/tell, stores, front queries), for `bench store`
     timings: Mapping[str, float] = field(default_factory=dict)
+    #: trials of this run that failed, and their reasons with counts (most common first)
+    new_failed: int = 0
+    failures: Mapping[str, int] = field(default_factory=dict)
+    #: complete trials the study holds
+    complete: int = 0
+    #: the study's constraints (points that miss one are kept off the front)
+    constraints: tuple[str, ...] = ()
+
+    @property
+    def all_failed(self) -> bool:
+        """True when this run's trials all failed, or the study holds no complete trial at all."""
+        return (self.new_trials > 0 and self.new_failed == self.new_trials) or self.complete == 0
 
 
 def default_study_name(model: str, space: str) -> str:
@@ -126,16 +149,27 @@ def default_study_name(model: str, space: str) -> str:
     return f"{base}-{space}"
 
 
-def _objective_specs(objectives: Sequence[Any]) -> tuple[Any, ...]:
-    from difftune.store import MetricSpec
+def default_objectives(family: str) -> tuple[tuple[str, str], ...]:
+    """The objectives of a study that names none: :data:`DEFAULT_OBJECTIVES` for the embedded model, else
+    :data:`DEFAULT_OBJECTIVES_OTHER` (speedup, PSNR, sharpness — no weights needed)."""
+    return DEFAULT_OBJECTIVES if family == "embedded" else DEFAULT_OBJECTIVES_OTHER
+
+
+def _objective_specs(objectives: Sequence[Any], constraints: Sequence[Any] = ()) -> tuple[Any, ...]:
+    from difftune.store import MetricSpec, parse_constraint
 
     specs = tuple(MetricSpec.parse(o) for o in objectives)
     if not specs:
-        raise SpaceError("objectives: give at least one, e.g. speedup, psnr, class_accuracy")
-    if not any(s.name in DISTRIBUTION_METRICS for s in specs):
+        raise SpaceError("objectives: give at least one, e.g. speedup, psnr, sharpness")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise SpaceError(f"objectives {names}: a metric is named twice")
+    bounded = {parse_constraint(c).metric for c in constraints}
+    if not any(n in DISTRIBUTION_METRICS for n in [*names, *bounded]):
         raise SpaceError(
-            f"objectives {[s.name for s in specs]}: every study keeps a distribution or conditioning metric "
-            f"({', '.join(DISTRIBUTION_METRICS)}) so that blurred or wrong-class points are not traded in"
+            f"objectives {names}: every study keeps a distribution, conditioning or blur-guard metric "
+            f"({', '.join(DISTRIBUTION_METRICS)}) as an objective or a constraint, so that blurred or wrong-class "
+            "points are not traded in"
         )
     return specs
 
@@ -264,24 +298,97 @@ class _Job:
     reference: Any
     provenance: dict[str, Any]
     worker: str
+    constraints: tuple[Any, ...] = ()
     timings: dict[str, float] = field(default_factory=lambda: {"evaluation_s": 0.0, "overhead_s": 0.0})
+    failures: dict[str, int] = field(default_factory=dict)
 
 
-def _metric_names(specs: Sequence[Any], family: str) -> list[str]:
-    names = list(dict.fromkeys([*(s.name for s in specs), *EXTRA_METRICS]))
-    if family != "embedded":
-        names = [n for n in names if n not in ("fid", "class_accuracy") or n in {s.name for s in specs}]
+def _metric_context(pipe: Any, info: Any) -> Any:
+    import torch
+
+    from difftune.evaluators import MetricContext
+
+    device = getattr(pipe, "device", None)
+    return MetricContext(family=info.family, device=device if isinstance(device, torch.device) else torch.device("cpu"))
+
+
+def _metric_names(specs: Sequence[Any], constraints: Sequence[Any], pipe: Any, info: Any) -> list[str]:
+    """What every trial measures: the objectives, the constrained metrics, :data:`EXTRA_METRICS`, and the
+    :data:`OPTIONAL_METRICS` whose weights are on this machine (the embedded model: its FID and accuracy)."""
+    from difftune.errors import EvaluationError
+    from difftune.evaluators import build_metric
+
+    wanted = [*(s.name for s in specs), *(c.metric for c in constraints)]
+    names = list(dict.fromkeys([*wanted, *EXTRA_METRICS]))
+    if info.family == "embedded":
+        return list(dict.fromkeys([*names, "fid", "class_accuracy"]))
+    context = _metric_context(pipe, info)
+    for name in OPTIONAL_METRICS:
+        if name in names or (name in ("clip_score", "image_reward") and info.conditioning == "class"):
+            continue
+        try:
+            build_metric(name, context)
+        except EvaluationError:
+            continue  # its weights are not here: measured only when asked for (and then it is an error)
+        names.append(name)
     return names
 
 
-def _prepare_pipeline(model: Any, pipeline: Any) -> tuple[Any, Any, str]:
-    from difftune.models import describe, load_pipeline
+def _validate(settings: Any, specs: Sequence[Any], constraints: Sequence[Any], pipe: Any, info: Any) -> None:
+    """Fail before the store is opened: every objective and constraint can be measured on this model, the
+    call's options fit the pipeline, and one short probe call gives finite images the metrics accept.
 
-    pipe = pipeline if pipeline is not None else load_pipeline(model)
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    info = describe(pipe)
-    return pipe, info, model if isinstance(model, str) else info.name
+    Raises:
+        DifftuneError: naming the metric, option or problem and what to do.
+    """
+    import torch
+
+    from difftune.errors import EvaluationError
+    from difftune.evaluators import EvalBatch, build_metric, generate, metric_spec
+
+    context = _metric_context(pipe, info)
+    bound = {}
+    for name in dict.fromkeys([*(s.name for s in specs), *(c.metric for c in constraints)]):
+        spec = metric_spec(name)  # unknown names list the known ones
+        if spec.kind == "cost":
+            continue
+        try:
+            bound[name] = build_metric(name, context)
+        except EvaluationError as exc:
+            raise EvaluationError(f"--objectives/--constraint: {exc}") from exc
+    kwargs = settings.call_kwargs(pipe)
+    probe = settings.samples_for(pipe, 2)[:1]
+    kwargs["num_inference_steps"] = min(2, settings.num_inference_steps)
+    try:
+        images = generate(pipe, probe, kwargs)
+    except DifftuneError:
+        raise
+    except Exception as exc:
+        raise DifftuneError(
+            f"a probe call of the pipeline failed on {settings.device or 'cpu'} in {settings.dtype or 'its dtype'} "
+            f"({_reason(exc)}); check --prompts, --height/--width, --guidance-scale, --device and --dtype"
+        ) from exc
+    if not bool(torch.isfinite(images).all()):
+        hint = (
+            " (float16 VAEs of SD-XL overflow: try --dtype bfloat16 or float32)" if settings.dtype == "float16" else ""
+        )
+        raise DifftuneError(
+            f"the pipeline draws NaN/inf images on {settings.device or 'cpu'} in {settings.dtype or 'its dtype'}"
+            f"{hint}; nothing was stored"
+        )
+    batch = EvalBatch(images, images, [s.condition for s in probe])
+    for metric in bound.values():
+        try:
+            metric.update(batch)
+        except EvaluationError as exc:
+            raise EvaluationError(f"--objectives/--constraint: {exc}") from exc
+
+
+def _prepare_pipeline(settings: Any, pipeline: Any) -> tuple[Any, Any]:
+    from difftune.models import describe
+
+    pipe = settings.load_pipeline(pipeline)
+    return pipe, describe(pipe)
 
 
 def _job(
@@ -293,20 +400,28 @@ def _job(
     *,
     searcher_name: str,
     seed: int | None,
-    settings: Mapping[str, Any],
+    settings: Any,
 ) -> _Job:
-    from difftune.evaluators import CalibrationSet, LatencyOptions, Reference
+    from difftune.evaluators import LatencyOptions, Reference
     from difftune.search.optuna_searcher import OptunaSearcher
+    from difftune.search.settings import device_name, device_type
     from difftune.spaces import SpaceContext
+    from difftune.store import parse_constraint
 
-    lo, hi = settings.get("nfe_range", DEFAULT_NFE_RANGE)
+    call = settings.call_kwargs(pipe)
+    chosen = settings.samples_for(pipe)
     context = SpaceContext.from_pipeline(
-        pipe, num_inference_steps=int(settings["num_inference_steps"]), nfe_range=(int(lo), int(hi))
+        pipe,
+        num_inference_steps=settings.num_inference_steps,
+        nfe_range=settings.nfe_range,
+        guidance_scale=settings.guidance_scale,
+        height=settings.height,
+        width=settings.width,
+        # Lazy measurements (the solver baselines' best spacings) run the study's own call and prompts.
+        spacing_samples=chosen[:4],
+        call_kwargs={k: v for k, v in call.items() if k != "guidance_scale"},
     )
     variables = space_obj.variables(context)
-    samples = int(settings["samples"])
-    cal = CalibrationSet.for_pipeline(pipe, seeds=max(1, math.ceil(samples / 10)))
-    chosen = list(cal)[:samples]
     search = OptunaSearcher(
         {v.name: v.to_optuna_distribution() for v in variables},
         [s.direction for s in specs],
@@ -317,27 +432,35 @@ def _job(
     )
     worker = f"{socket.gethostname()}:{os.getpid()}:{_TOKEN}"
     device = str(getattr(pipe, "device", "cpu"))
-    statistic = "median" if device.startswith("cuda") else "paired"
+    statistic = "median" if device_type(device) == "cuda" else "paired"
     return _Job(
         store=store,
         study=study_rec,
         space=space_obj,
         context=context,
         specs=specs,
-        names=list(settings["metrics"]),
+        names=list(settings.metrics),
         samples=chosen,
         pipe=pipe,
         search=search,
         baselines=space_obj.baselines(context),
         seeds=space_obj.seeds(context),
         # On a CPU (often shared with other work) speedup is the median ratio of back-to-back runs of
-        # the reference and the trial; on a GPU the ratio of medians.
-        latency=LatencyOptions(warmup=1, repeats=int(settings.get("latency_repeats", 3)), statistic=statistic),
+        # the reference and the trial; on a GPU the ratio of medians (CUDA events, after a warm-up).
+        latency=LatencyOptions(warmup=1, repeats=settings.latency_repeats, statistic=statistic),
         reference=Reference.from_pipeline(
-            pipe, num_inference_steps=context.num_inference_steps, batch_size=len(chosen)
+            pipe, num_inference_steps=settings.num_inference_steps, batch_size=settings.images_per_call(), **call
         ),
-        provenance={"study": study_rec.name, "device": device, "worker": worker, "versions": _versions()},
+        provenance={
+            "study": study_rec.name,
+            "device": device,
+            "device_name": device_name(device),
+            "dtype": settings.dtype or _dtype_name(pipe),
+            "worker": worker,
+            "versions": _versions(),
+        },
         worker=worker,
+        constraints=tuple(parse_constraint(c) for c in settings.constraints),
     )
 
 
@@ -464,15 +587,20 @@ def _run_trials(job: _Job, progress: Callable[[RunProgress], None] | None, max_t
             raise
         values = record.values() if record.state is TrialState.COMPLETE else None
         objective_values = None if values is None else [values[s.name] for s in job.specs]
+        # Optuna's convention: a point is feasible when every constraint value is <= 0.
+        violations = {str(c): c.violation(values[c.metric]) for c in job.constraints if values and c.metric in values}
+        if record.state is TrialState.FAILED:
+            reason = record.error or "unknown"
+            job.failures[reason] = job.failures.get(reason, 0) + 1
         if number is not None:
-            job.search.tell(number, objective_values, failure=record.error)
+            job.search.tell(number, objective_values, constraints=violations, failure=record.error)
         elif objective_values is not None and params:
-            job.search.add_completed(params, objective_values, baseline=config.get("baseline"))
+            job.search.add_completed(params, objective_values, baseline=config.get("baseline"), constraints=violations)
         ran += 1
         event = None
         if progress is not None:
             finished = store.count_budget_trials(study_id)
-            front = store.pareto_front(study_id)
+            front = store.pareto_front(study_id, constraints=job.constraints)
             event = RunProgress(
                 job.study.name,
                 finished,
@@ -503,7 +631,7 @@ def _result(job: _Job, before: int, ran: int) -> RunResult:
     from difftune.store import TrialState
 
     store, study_id = job.store, job.study.id
-    front = store.pareto_front(study_id)
+    front = store.pareto_front(study_id, constraints=job.constraints)
     if not store.count_trials(study_id, TrialState.RUNNING):
         store.record_front(study_id, [t.id for t in front])
         study_rec = store.set_study_status(study_id, "finished")
@@ -519,6 +647,10 @@ def _result(job: _Job, before: int, ran: int) -> RunResult:
         storage=store.url,
         hypervolume=front_hypervolume(job.specs, front),
         timings=dict(job.timings),
+        new_failed=sum(job.failures.values()),
+        failures=dict(sorted(job.failures.items(), key=lambda kv: -kv[1])),
+        complete=store.count_trials(study_id, TrialState.COMPLETE),
+        constraints=tuple(str(c) for c in job.constraints),
     )
 
 
@@ -533,16 +665,31 @@ def run_study(
     seed: int = 0,
     num_inference_steps: int = DEFAULT_STEPS,
     samples: int = DEFAULT_SAMPLES,
-    objectives: Sequence[Any] = DEFAULT_OBJECTIVES,
+    objectives: Sequence[Any] | None = None,
+    constraints: Sequence[str] = (),
     latency_repeats: int = 3,
     progress: Callable[[RunProgress], None] | None = None,
     pipeline: Any = None,
     nfe_range: tuple[int, int] = DEFAULT_NFE_RANGE,
+    device: str | None = None,
+    dtype: str | None = None,
+    revision: str | None = None,
+    prompts: Sequence[str] | None = None,
+    negative_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    guidance_scale: float | None = None,
+    call_args: Mapping[str, Any] | None = None,
+    batch_size: int | None = None,
+    pipeline_class: str | None = None,
+    config: str | None = None,
+    on_start: Callable[[Any], None] | None = None,
 ) -> RunResult:
     """Run or resume a study until the store holds ``budget`` finished trials, then record its front.
 
     Args:
-        model: a model name or path for :func:`difftune.load_pipeline` (``"embedded"`` by default).
+        model: ``"embedded"`` (default), a pipeline directory, a single-file checkpoint or a hub id in
+            the local cache (:func:`difftune.load_pipeline`).
         space: a search space name (:func:`difftune.spaces.get_space`).
         budget: finished trials (complete or failed; interrupted ones are retried, not counted) the
             study must hold; it is stored with the study, so :func:`run_worker` processes stop there
@@ -554,45 +701,86 @@ def run_study(
         seed: the searcher's seed.
         num_inference_steps: steps of the reference setting (and of the space's context).
         samples: calibration samples per trial.
-        objectives: metric names or ``(name, direction)`` pairs; one must be a distribution or
-            conditioning metric (:data:`DISTRIBUTION_METRICS`).
+        objectives: metric names, ``"name:min|max"`` strings or ``(name, direction)`` pairs (default
+            :func:`default_objectives` of the model's family); one of them or of the constraints must
+            be a guard metric (:data:`DISTRIBUTION_METRICS`).
+        constraints: ``"lpips<=0.1"``-style bounds: points that miss one are infeasible for the
+            searcher and kept off the front.
         latency_repeats: timed calls per side for ``latency_ms`` / ``speedup``.
         progress: called after every stored trial with a :class:`RunProgress`.
-        pipeline: an already loaded pipeline to use instead of loading ``model`` (it is left as found).
+        pipeline: an already loaded pipeline to use instead of loading ``model`` (moved to ``device``
+            and ``dtype`` when they are given).
         nfe_range: model evaluations the ``solver`` and ``joint`` spaces search (and their baselines' NFEs).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (default: the pipeline's own device, else
+            CUDA when present, else the CPU); a device this machine lacks is an error.
+        dtype: ``float32``, ``float16`` or ``bfloat16`` (default: the weights' own).
+        revision: the hub revision of a hub id.
+        prompts: the calibration prompts (default: the family's built-in set); class names for
+            class-conditional models.
+        negative_prompt, height, width, guidance_scale: the call the study tunes (default: the
+            pipeline's own).
+        call_args: more keyword arguments of the pipeline call (e.g. ``{"max_sequence_length": 256}``).
+        batch_size: images per pipeline call (default: all ``samples`` in one call).
+        pipeline_class, config: for a single-file checkpoint ``model``: its diffusers pipeline class
+            and a local directory or cached hub id holding the pipeline's configs.
+        on_start: called with the resolved :class:`~difftune.search.settings.StudySettings` once the
+            inputs are checked, before any trial runs (the CLI prints the device).
 
     Raises:
-        DifftuneError: bad input (unknown model, space, searcher or metric; bad storage URL), raised
-            before anything is written to the database.
+        DifftuneError: bad input (unknown model, space, searcher or metric; a metric this model
+            cannot have; a device this machine lacks; a probe call that fails or draws NaN; a bad
+            storage URL), raised before anything is written to the database.
     """
+    from difftune.search.settings import StudySettings, merge_objectives, resolve_device
+
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise SpaceError(f"budget: expected an integer >= 1, got {budget!r}")
     lo, hi = nfe_range
     if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
         raise SpaceError(f"nfe_range: expected integers 1 <= low <= high, got {nfe_range!r}")
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise SpaceError(f"budget: expected an integer >= 1, got {budget!r}")
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
-        raise SpaceError(f"samples: expected an integer >= 2, got {samples!r}")
 
     # ---- check every input before touching the database -----------------------------------------
     from difftune.evaluators import metric_spec
     from difftune.spaces import get_space
+    from difftune.store import parse_constraint
 
     space_obj = get_space(space)
     searcher_name = searcher or space_obj.default_searcher
     _check_searcher(searcher_name)
-    specs = _objective_specs(objectives)
-    for s in specs:
-        metric_spec(s.name)  # a metric the evaluators cannot measure is bad input too
-    pipe, info, model_name = _prepare_pipeline(model, pipeline)
+    bounds = tuple(parse_constraint(c) for c in constraints)
+    for c in bounds:
+        metric_spec(c.metric)
+    requested = merge_objectives(objectives) if objectives is not None else None
+    if requested is not None:
+        for s in _objective_specs(requested, [str(c) for c in bounds]):
+            metric_spec(s.name)  # a metric the evaluators cannot measure is bad input too
+    settings = StudySettings(
+        model=_model_spec(model),
+        revision=revision,
+        pipeline_class=pipeline_class,
+        config=_model_spec(config) if config is not None else None,
+        device=resolve_device(device, pipeline),
+        dtype=dtype,
+        prompts=tuple(prompts) if prompts is not None else None,
+        negative_prompt=negative_prompt,
+        height=height,
+        width=width,
+        guidance_scale=guidance_scale,
+        call_args=dict(call_args or {}),
+        num_inference_steps=num_inference_steps,
+        samples=samples,
+        batch_size=batch_size,
+        constraints=tuple(str(c) for c in bounds),
+        nfe_range=(lo, hi),
+        latency_repeats=latency_repeats,
+    )
+    pipe, info = _prepare_pipeline(settings, pipeline)
+    chosen_objectives = requested if requested is not None else default_objectives(info.family)
+    specs = _objective_specs(chosen_objectives, settings.constraints)
+    _validate(settings, specs, bounds, pipe, info)
+    model_name = settings.model if isinstance(model, str) else info.name
+    settings = dataclasses.replace(settings, model=model_name, metrics=tuple(_metric_names(specs, bounds, pipe, info)))
     study_name = study or default_study_name(model_name, space)
-    settings = {
-        "model": model_name,
-        "num_inference_steps": num_inference_steps,
-        "samples": samples,
-        "metrics": _metric_names(specs, info.family),
-        "latency_repeats": latency_repeats,
-        "nfe_range": [lo, hi],
-    }
 
     from difftune.store import default_url, get_store
 
@@ -605,27 +793,88 @@ def run_study(
             space=space,
             searcher=searcher_name,
             objectives=specs,
-            reference=settings,
+            reference=settings.to_dict(),
             optuna_study_name=f"difftune:{study_name}",
             load_if_exists=True,
         )
-        stored = dict(study_rec.reference or {})
-        changed = {k: (stored.get(k), v) for k, v in settings.items() if k in stored and stored[k] != v}
-        changed.pop("latency_repeats", None)
+        stored = StudySettings.from_dict(study_rec.reference or {})
+        changed = stored.differences(settings)
         if changed:
             detail = "; ".join(f"{k} {old!r} (asked {new!r})" for k, (old, new) in changed.items())
             raise StoreError(
                 f"cannot resume study {study_name!r}: it was created with {detail}; choose another --study"
             )
+        # A resumed study keeps what it measures; this run's device index and repeats are its own.
+        run_settings = dataclasses.replace(stored, device=settings.device, latency_repeats=latency_repeats)
+        if on_start is not None:
+            on_start(dataclasses.replace(run_settings, dtype=run_settings.dtype or _dtype_name(pipe)))
         store.set_study_budget(study_rec.id, budget)
         study_rec = store.set_study_status(study_rec.id, "running")
-        job = _job(store, study_rec, pipe, space_obj, specs, searcher_name=searcher_name, seed=seed, settings=stored)
+        job = _job(
+            store, study_rec, pipe, space_obj, specs, searcher_name=searcher_name, seed=seed, settings=run_settings
+        )
         _fail_dead_optuna_trials(job)
         before = store.count_budget_trials(study_rec.id)
         ran = _run_trials(job, progress)
         return _result(job, before, ran)
     finally:
         store.close()
+
+
+def _dtype_name(pipe: Any) -> str | None:
+    dtype = getattr(pipe, "dtype", None)
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _model_spec(model: Any) -> str:
+    """The model as stored: a local path made absolute (workers and exports may run elsewhere), else as given."""
+    from pathlib import Path
+
+    if not isinstance(model, (str, os.PathLike)):
+        return ""
+    text = os.fspath(model)
+    if text != "embedded" and Path(text).expanduser().exists():
+        return str(Path(text).expanduser().resolve())
+    return text
+
+
+def study_settings(study_rec: Any) -> Any:
+    """The :class:`~difftune.search.settings.StudySettings` stored with ``study_rec``.
+
+    Raises:
+        StoreError: the study was not made by ``difftune calibrate`` (it has no settings).
+    """
+    from difftune.search.settings import StudySettings
+
+    stored = dict(study_rec.reference or {})
+    if not {"model", "num_inference_steps", "samples", "metrics"} <= set(stored):
+        raise StoreError(f"study {study_rec.name!r} was not created by difftune calibrate; it has no settings")
+    return StudySettings.from_dict(stored)
+
+
+def worker_device(settings: Any, requested: str | None, study: str) -> str:
+    """The device a worker of ``study`` runs on: ``requested``, else the study's device type here.
+
+    Raises:
+        ModelError: the device type differs from the study's (timings would not compare), or this
+            machine lacks it.
+    """
+    from difftune.errors import ModelError
+    from difftune.search.settings import device_type, resolve_device
+
+    wanted = device_type(settings.device)
+    if requested is not None and device_type(requested) != wanted:
+        raise ModelError(
+            f"study {study!r} measures on {wanted}; a worker on {requested} would time trials that do not compare "
+            f"with its others: run this worker on a {wanted} machine (or with --device {wanted})"
+        )
+    try:
+        return resolve_device(requested or (settings.device if wanted != "cpu" else "cpu"))
+    except ModelError as exc:
+        raise ModelError(
+            f"study {study!r} measures on {settings.device}, which this machine lacks ({exc}); timings from "
+            "another kind of device would not compare"
+        ) from None
 
 
 def run_worker(
@@ -636,12 +885,14 @@ def run_worker(
     pipeline: Any = None,
     seed: int | None = None,
     max_trials: int | None = None,
+    device: str | None = None,
+    on_start: Callable[[Any], None] | None = None,
 ) -> RunResult:
     """Join a study that ``calibrate`` created: claim and run its trials until its budget is used up.
 
-    The model, space, searcher, objectives and calibration settings come from the study; several
-    workers (processes or machines sharing the database) never run more trials than the budget, and
-    each baseline and each retry of an interrupted trial runs once.
+    The model, device type, dtype, call, space, searcher, objectives and calibration settings come from
+    the study; several workers (processes or machines sharing the database) never run more trials than
+    the budget, and each baseline and each retry of an interrupted trial runs once.
 
     Args:
         study: the study's name.
@@ -650,6 +901,8 @@ def run_worker(
         pipeline: an already loaded pipeline of the study's model (its fingerprint is checked).
         seed: the sampler's seed (default: random, so that workers propose different points).
         max_trials: stop after this many trials even if the budget is not used up.
+        device: this worker's device (e.g. ``cuda:1``); its type must be the study's.
+        on_start: called with the worker's settings before any trial runs.
     """
     from difftune.errors import ModelError
     from difftune.spaces import get_space
@@ -658,18 +911,19 @@ def run_worker(
     store = get_store(storage or default_url())
     try:
         study_rec = store.get_study(study)
-        settings = dict(study_rec.reference or {})
-        if not {"model", "num_inference_steps", "samples", "metrics"} <= set(settings):
-            raise StoreError(f"study {study!r} was not created by difftune calibrate; it has no settings to work on")
+        stored = study_settings(study_rec)
+        settings = dataclasses.replace(stored, device=worker_device(stored, device, study))
         space_obj = get_space(study_rec.space)
         specs = tuple(study_rec.objectives)
-        pipe, info, _ = _prepare_pipeline(settings["model"], pipeline)
+        pipe, info = _prepare_pipeline(settings, pipeline)
         model_rec = store.get_model(study_rec.model_id)
         if info.fingerprint != model_rec.fingerprint:
             raise ModelError(
-                f"the weights of {settings['model']!r} here differ from the ones study {study!r} was calibrated on "
+                f"the weights of {settings.model!r} here differ from the ones study {study!r} was calibrated on "
                 f"(fingerprint {info.fingerprint[:19]}… vs {model_rec.fingerprint[:19]}…); give the same model"
             )
+        if on_start is not None:
+            on_start(dataclasses.replace(settings, dtype=settings.dtype or _dtype_name(pipe)))
         job = _job(
             store, study_rec, pipe, space_obj, specs, searcher_name=study_rec.searcher, seed=seed, settings=settings
         )

@@ -24,7 +24,7 @@ import dataclasses
 import math
 import types
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
@@ -258,10 +258,14 @@ class SpaceContext:
             ``num_inference_steps × blocks × components``).
         nfe_range: inclusive range of model evaluations the solver space searches.
         guidance_scale: the call's classifier-free guidance, ``None`` = the pipeline's default.
+        height, width: the call's image size, ``None`` = the pipeline's default (recorded in profiles).
         spacings: measured best timestep spacings of the solver baselines, keyed by
             ``(method, nfe)`` (:func:`difftune.spaces.spacing_table`); missing entries are measured
             lazily on :attr:`pipeline` when there is one, else the scheduler's own spacing is used.
-        spacing_samples: how many samples a lazy spacing measurement uses.
+        spacing_samples: how many samples a lazy spacing measurement uses, or the samples themselves
+            (a study passes its first calibration samples: the user's prompts).
+        call_kwargs: the call's other kwargs (``negative_prompt``, pipeline-specific arguments such as
+            ``max_sequence_length``) for lazy measurements, so they run the call the study tunes.
         pipeline: the pipeline itself, for lazy measurements only (not compared, not printed).
     """
 
@@ -270,8 +274,11 @@ class SpaceContext:
     num_inference_steps: int = 20
     nfe_range: tuple[int, int] = (3, 12)
     guidance_scale: float | None = None
+    height: int | None = None
+    width: int | None = None
     spacings: Mapping[tuple[str, int], Any] = field(default_factory=dict)
-    spacing_samples: int = 4
+    spacing_samples: int | Sequence[Any] = 4
+    call_kwargs: Mapping[str, Any] = field(default_factory=dict)
     pipeline: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -289,6 +296,7 @@ class SpaceContext:
             raise SpaceError("scheduler_config: needs '_class_name' (the scheduler class it belongs to)")
         object.__setattr__(self, "scheduler_config", types.MappingProxyType(dict(self.scheduler_config)))
         object.__setattr__(self, "spacings", types.MappingProxyType(dict(self.spacings)))
+        object.__setattr__(self, "call_kwargs", types.MappingProxyType(dict(self.call_kwargs)))
 
     @classmethod
     def from_pipeline(
@@ -298,8 +306,11 @@ class SpaceContext:
         num_inference_steps: int = 20,
         nfe_range: tuple[int, int] = (3, 12),
         guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
         spacings: Mapping[tuple[str, int], Any] | None = None,
-        spacing_samples: int = 4,
+        spacing_samples: int | Sequence[Any] = 4,
+        call_kwargs: Mapping[str, Any] | None = None,
         keep_pipeline: bool = True,
     ) -> SpaceContext:
         """The context of ``pipe``; ``keep_pipeline=False`` drops the reference (no lazy measurements)."""
@@ -316,8 +327,11 @@ class SpaceContext:
             num_inference_steps=num_inference_steps,
             nfe_range=nfe_range,
             guidance_scale=guidance_scale,
+            height=height,
+            width=width,
             spacings=dict(spacings or {}),
-            spacing_samples=spacing_samples,
+            spacing_samples=spacing_samples if isinstance(spacing_samples, int) else tuple(spacing_samples),
+            call_kwargs=dict(call_kwargs or {}),
             pipeline=pipe if keep_pipeline else None,
         )
 
@@ -520,7 +534,9 @@ def to_profile(
     return Profile(
         name=name,
         model=ModelRef(name=info.name, family=info.family, fingerprint=info.fingerprint),
-        context=ProfileContext(num_inference_steps=steps, guidance_scale=context.guidance_scale),
+        context=ProfileContext(
+            num_inference_steps=steps, guidance_scale=context.guidance_scale, height=context.height, width=context.width
+        ),
         metrics=dict(metrics or {}),
         provenance=dict(provenance or {}),
         **dict(sections),

@@ -221,7 +221,8 @@ def _distinct(
 # Measuring
 # --------------------------------------------------------------------------------------------
 
-_CHOICES: dict[tuple[str, str, str, int], SpacingChoice] = {}
+#: Measured choices, keyed by (fingerprint, noise schedule, method, NFE, call kwargs, guidance).
+_CHOICES: dict[tuple[str, str, str, int, str, float | None], SpacingChoice] = {}
 _REFERENCES: dict[tuple[Any, ...], torch.Tensor] = {}
 
 
@@ -270,10 +271,16 @@ def _samples(pipe: Any, samples: int | Sequence[Any], conditioning: str) -> tupl
 
 
 def _generate(
-    pipe: Any, scheduler: Any, samples: Sequence[tuple[Any, int]], steps: int, guidance: float | None
+    pipe: Any,
+    scheduler: Any,
+    samples: Sequence[tuple[Any, int]],
+    steps: int,
+    guidance: float | None,
+    call_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     conditions = [c for c, _ in samples]
     kwargs: dict[str, Any] = {
+        **dict(call_kwargs or {}),
         "num_inference_steps": steps,
         "output_type": "pt",
         "generator": [torch.Generator(device="cpu").manual_seed(s) for _, s in samples],
@@ -308,13 +315,14 @@ def _reference(
     samples: tuple[tuple[Any, int], ...],
     guidance: float | None,
     steps: int,
+    call_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
-    key = (fingerprint, _digest(config), samples, guidance, steps)
+    key = (fingerprint, _digest(config), samples, guidance, steps, _digest(dict(call_kwargs or {})))
     if key not in _REFERENCES:
         # A USFScheduler already on a tuned schedule must not lend it to the reference: build from the config alone.
         base = {k: v for k, v in config.items() if k != "schedule"}
         scheduler = USFScheduler.from_schedule(None, base, solver_order=2, predict_x0=True, corrector=False)
-        _REFERENCES[key] = _generate(pipe, scheduler, samples, steps, guidance)
+        _REFERENCES[key] = _generate(pipe, scheduler, samples, steps, guidance, call_kwargs)
     return _REFERENCES[key]
 
 
@@ -327,6 +335,7 @@ def best_spacing(
     guidance_scale: float | None = None,
     reference_steps: int = 200,
     refresh: bool = False,
+    call_kwargs: Mapping[str, Any] | None = None,
 ) -> SpacingChoice:
     """Measure which spacing gives ``method`` at ``nfe`` steps the lowest MSE on ``pipe``.
 
@@ -340,6 +349,8 @@ def best_spacing(
         guidance_scale: the call's guidance (``None`` = the pipeline's default).
         reference_steps: steps of the DPM-Solver++(2M) reference every candidate is compared with.
         refresh: measure again even if this (model, noise schedule, method, NFE) was measured.
+        call_kwargs: the call's other kwargs (``height``, ``width``, ``negative_prompt``, …): spacings are
+            measured on the call the study tunes.
 
     Each candidate runs as the :class:`SolverSchedule` the baseline decodes to (through
     :class:`~difftune.accel.USFScheduler`), i.e. exactly what the baseline point applies.
@@ -354,16 +365,17 @@ def best_spacing(
         raise SpaceError(f"nfe: expected an integer >= 1, got {nfe!r}")
     info = describe(pipe)
     config = _scheduler_config(pipe)
-    key = (info.fingerprint, _digest(config), method, nfe)
+    key = (info.fingerprint, _digest(config), method, nfe, _digest(dict(call_kwargs or {})), guidance_scale)
     if not refresh and key in _CHOICES:
         return _CHOICES[key]
     pairs = _samples(pipe, samples, info.conditioning)
     groups = _distinct(method, config, nfe)
-    reference = _reference(pipe, info.fingerprint, config, pairs, guidance_scale, reference_steps)
+    reference = _reference(pipe, info.fingerprint, config, pairs, guidance_scale, reference_steps, call_kwargs)
     mse: dict[str, float] = {}
     best: tuple[float, int] | None = None
     for index, (labels, _, schedule) in enumerate(groups):
-        images = _generate(pipe, USFScheduler.from_schedule(schedule, pipe.scheduler), pairs, nfe, guidance_scale)
+        scheduler = USFScheduler.from_schedule(schedule, pipe.scheduler)
+        images = _generate(pipe, scheduler, pairs, nfe, guidance_scale, call_kwargs)
         value = float(((images - reference) ** 2).mean())
         value = value if math.isfinite(value) else math.inf
         for label in labels:

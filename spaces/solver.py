@@ -522,7 +522,16 @@ class SolverSpace(Space):
             raise SpaceError(f"spacings[{(method, nfe)!r}]: expected a SpacingChoice, dict or label, got {given!r}")
         if context.pipeline is not None:
             return best_spacing(
-                context.pipeline, method, nfe, context.spacing_samples, guidance_scale=context.guidance_scale
+                context.pipeline,
+                method,
+                nfe,
+                context.spacing_samples,
+                guidance_scale=context.guidance_scale,
+                call_kwargs={
+                    **({"height": context.height} if context.height else {}),
+                    **({"width": context.width} if context.width else {}),
+                    **context.call_kwargs,
+                },
             )
         return default_spacing(method, nfe, context.scheduler_config)
 

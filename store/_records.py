@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from difftune.errors import StoreError
+from difftune.metric_table import METRIC_TABLE
 
 if TYPE_CHECKING:
     from difftune.profile import Profile
@@ -141,26 +142,9 @@ class MetricSpec:
 
 
 #: The metrics difftune's evaluators report (INTERFACE.md, "Names"), with direction and unit ("" when
-#: unitless). The same as ``difftune.evaluators.metrics``' registry, which the store does not import
-#: (it pulls in torchmetrics); a test keeps the two equal.
+#: unitless): :data:`difftune.metric_table.METRIC_TABLE`, the one table the evaluators read too.
 METRICS: Mapping[str, MetricSpec] = MappingProxyType(
-    {
-        spec.name: spec
-        for spec in (
-            MetricSpec("nfe", "minimize", "calls"),
-            MetricSpec("latency_ms", "minimize", "ms"),
-            MetricSpec("speedup", "maximize", "×"),
-            MetricSpec("peak_memory_mb", "minimize", "MiB"),
-            MetricSpec("flops_ratio", "minimize", "ratio"),
-            MetricSpec("psnr", "maximize", "dB"),
-            MetricSpec("ssim", "maximize", ""),
-            MetricSpec("mse", "minimize", ""),
-            MetricSpec("lpips", "minimize", ""),
-            MetricSpec("clip_score", "maximize", ""),
-            MetricSpec("fid", "minimize", ""),
-            MetricSpec("class_accuracy", "maximize", "fraction"),
-        )
-    }
+    {row.name: MetricSpec(row.name, _direction(row.direction, row.name), row.unit) for row in METRIC_TABLE}
 )
 
 

@@ -5,11 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from difftune.models._info import BlockInfo, ModelInfo, fingerprint
-from difftune.models._load import KNOWN_MODELS, KnownModel, is_available_locally, load_pipeline
+from difftune.models._load import (
+    CHECKPOINT_SUFFIXES,
+    KNOWN_MODELS,
+    SINGLE_FILE_PIPELINES,
+    KnownModel,
+    is_available_locally,
+    load_pipeline,
+)
 from difftune.models._registry import Adapter, adapter_for, adapters, register_adapter
 
 __all__ = [
+    "CHECKPOINT_SUFFIXES",
     "KNOWN_MODELS",
+    "SINGLE_FILE_PIPELINES",
     "Adapter",
     "BlockInfo",
     "KnownModel",

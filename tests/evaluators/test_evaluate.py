@@ -112,8 +112,8 @@ def test_out_of_memory_is_an_evaluation_error(pipe, reference, samples):
 
 
 def test_bad_requests(pipe, reference, samples):
-    with pytest.raises(difftune.EvaluationError, match="unknown metric 'sharpness'"):
-        evaluate(pipe, samples, reference, metrics=["sharpness"])
+    with pytest.raises(difftune.EvaluationError, match="unknown metric 'blurriness'"):
+        evaluate(pipe, samples, reference, metrics=["blurriness"])
     with pytest.raises(difftune.EvaluationError, match="no samples"):
         evaluate(pipe, [], reference, metrics=["nfe"])
 
@@ -129,4 +129,4 @@ def test_rungs():
     with pytest.raises(difftune.EvaluationError, match="only 40"):
         Rung(64).select(cal)
     with pytest.raises(difftune.EvaluationError, match="unknown metric"):
-        Rung(8, metrics=("sharpness",))
+        Rung(8, metrics=("blurriness",))

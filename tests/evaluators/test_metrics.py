@@ -35,8 +35,8 @@ def test_every_interface_metric_is_registered_with_its_direction_and_unit():
 
 
 def test_unknown_metric_lists_the_known_ones():
-    with pytest.raises(difftune.EvaluationError, match=r"unknown metric 'sharpness'.*psnr.*class_accuracy"):
-        metric_spec("sharpness")
+    with pytest.raises(difftune.EvaluationError, match=r"unknown metric 'blurriness'.*psnr.*class_accuracy"):
+        metric_spec("blurriness")
 
 
 def test_cost_metrics_have_no_image_factory():

@@ -96,3 +96,34 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "references"
     monkeypatch.delenv("DIFFTUNE_CACHE")
     assert default_cache_dir().parts[-3:] == (".cache", "difftune", "references")
+
+
+def test_the_reference_shares_the_weights_but_stays_plain_under_a_trial_setting(embedded_pipe, cache):
+    from difftune.accel.quant import QuantConfig, QuantSpec
+    from difftune.evaluators import shared_weights_copy
+
+    pipe = shared_weights_copy(embedded_pipe)  # a private pipeline for this test, itself sharing weights
+    reference = Reference.from_pipeline(pipe, num_inference_steps=STEPS, cache=cache)
+    ours, theirs = dict(pipe.transformer.named_parameters()), dict(reference.pipe.transformer.named_parameters())
+    assert ours.keys() == theirs.keys()
+    # the same storage (no second copy of the weights), but parameter and module objects of its own
+    assert all(ours[k].data_ptr() == theirs[k].data_ptr() and ours[k] is not theirs[k] for k in ours)
+    assert reference.pipe.transformer is not pipe.transformer and reference.pipe.scheduler is not pipe.scheduler
+
+    samples = CalibrationSet(labels=[1, 7], seeds=1)
+    plain = reference.run(samples)
+    handle = QuantConfig(default=QuantSpec(weight_bits=4)).apply(pipe)  # swaps weight.data on the trial side
+    try:
+        quantized = Reference(pipe, reference.setting, cache=cache).run(samples)
+        assert not torch.equal(quantized, plain)  # the trial's pipeline really changed
+        assert torch.equal(reference.run(samples), plain)  # the reference's did not
+    finally:
+        handle.remove()
+    assert torch.equal(Reference(pipe, reference.setting, cache=cache).run(samples), plain)
+
+
+def test_reference_images_drawn_on_another_device_type_are_cached_apart(embedded_pipe):
+    cpu = ReferenceSetting.from_pipeline(embedded_pipe, num_inference_steps=STEPS)
+    assert cpu.device == "cpu" and "device" not in cpu.to_dict()  # CPU digests (and caches) are as before
+    cuda = ReferenceSetting(cpu.call_kwargs, cpu.scheduler, cpu.scheduler_config, device="cuda")
+    assert cuda.digest() != cpu.digest()

@@ -92,8 +92,15 @@ def test_a_trial_that_raises_is_stored_failed_and_the_study_goes_on(tmp_path, em
     [
         ({"space": "nope"}, "nope"),
         ({"searcher": "annealing"}, "unknown searcher 'annealing'"),
-        ({"objectives": ["speedup", "psnr"]}, "distribution or conditioning metric"),
-        ({"objectives": ["speedup", "sharpness", "fid"]}, "unknown metric 'sharpness'"),
+        ({"objectives": ["speedup", "psnr"]}, "distribution, conditioning or blur-guard metric"),
+        ({"objectives": ["speedup", "blurriness", "fid"]}, "unknown metric 'blurriness'"),
+        ({"objectives": ["speedup", "psnr", "clip_score"]}, "clip_score"),
+        ({"constraints": ["lpips<=0.1"]}, "lpips"),
+        ({"constraints": ["psnr>>3"]}, "cannot parse constraint"),
+        ({"device": "gpu"}, "expected cpu, cuda, cuda:N or mps"),
+        ({"dtype": "int4"}, "--dtype 'int4'"),
+        ({"negative_prompt": "blurry"}, "--negative-prompt"),
+        ({"prompts": ["a red fox"]}, "--prompts"),
     ],
 )
 def test_bad_input_leaves_the_database_unchanged(tmp_path, embedded_pipe, kwargs, message):
