@@ -307,7 +307,7 @@ def _front_table(study: Any, trials: list[Any], title: str | None = None, constr
         title += f" · feasible points only: {' and '.join(constraints)}"
     table = Table(title=title)
     table.add_column("trial", justify="right")
-    table.add_column("baseline")
+    table.add_column("baseline", overflow="fold", min_width=8)
     for objective in study.objectives:
         arrow = "↑" if objective.direction == "maximize" else "↓"
         table.add_column(f"{objective.name} {arrow}", justify="right", no_wrap=True)
@@ -682,9 +682,20 @@ def export(
     samples: Annotated[
         int | None, typer.Option(min=2, help="Held-out samples (default: as many as the study's calibration samples).")
     ] = None,
+    max_candidates: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Re-measure at most this many points on held-out samples (default: every point that meets "
+            "--select on calibration samples, best goal first, until one meets it on held-out samples too).",
+        ),
+    ] = None,
 ) -> None:
-    """Write the profile of the Pareto point --select picks, re-measured on held-out samples (nothing is written
-    when no point satisfies it)."""
+    """Write the profile of the Pareto point --select picks, re-measured on held-out samples.
+
+    The points that meet --select on the calibration samples are re-measured on held-out samples in
+    the order of the goal; the first whose held-out figures meet every constraint is written. When
+    none does, the closest held-out point is named, nothing is written, and the exit code is 2."""
     from rich.table import Table
 
     from difftune.search.export import FORMATS, export_point
@@ -706,6 +717,7 @@ def export(
                 validate=validate,
                 samples=samples,
                 progress=lambda text: status.update(text),
+                max_candidates=max_candidates,
             )
     finally:
         store.close()
@@ -732,6 +744,14 @@ def export(
         values = result.calibration
         figures = ", ".join(f"{n}={values[n]:.4g}" for n in shown if n in values)
         console.print(f"not re-measured (--no-validate): calibration figures {figures}", highlight=False)
+    for rejected in result.rejected:
+        held = rejected.values("held_out")
+        figures = ", ".join(f"{n}={held[n]:.4g}" for n in shown if n in held)
+        console.print(
+            f"note: trial {rejected.number} missed {select!r} on held-out samples ({figures}); not exported",
+            highlight=False,
+            soft_wrap=True,
+        )
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     for note in result.notes:
@@ -773,20 +793,29 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning difftune's own errors into one line on stderr and exit code 2."""
     _quiet_libraries()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="difftune", standalone_mode=False)
     except DifftuneError as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(EXIT_BAD_INPUT)
     except typer.Abort:
         err_console.print("aborted")
         sys.exit(130)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
+        if _is_click_exception(exc):  # a usage error: the usual usage message, its suggestion, exit 2
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        if isinstance(exc, OSError):  # an unwritable --out, a full disk: one line, not a traceback
+            where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+            err_console.print(
+                f"[red]error:[/] cannot write{where}: {exc.strerror or exc}", highlight=False, soft_wrap=True
+            )
+            sys.exit(EXIT_BAD_INPUT)
         raise
+
+
+def _is_click_exception(exc: BaseException) -> bool:
+    """Click's usage errors, from click itself or the copy of click that typer vendors (``typer._click``)."""
+    return any(cls.__name__ == "ClickException" for cls in type(exc).__mro__) and hasattr(exc, "show")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,17 @@ from difftune.store._records import (
     TrialState,
     metric_spec,
 )
-from difftune.store._select import Constraint, Goal, Selection, parse_constraint, parse_select, select_point
+from difftune.store._select import (
+    Constraint,
+    Goal,
+    Selection,
+    meets,
+    no_point_error,
+    parse_constraint,
+    parse_select,
+    rank_points,
+    select_point,
+)
 from difftune.store._storage import Store, get_store
 
 __all__ = [
@@ -69,10 +79,13 @@ __all__ = [
     "head_revision",
     "hypervolume",
     "mask_url",
+    "meets",
     "metric_spec",
+    "no_point_error",
     "non_dominated",
     "parse_constraint",
     "parse_select",
+    "rank_points",
     "select_point",
     "upgrade",
 ]

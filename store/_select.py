@@ -23,7 +23,17 @@ from dataclasses import dataclass
 from difftune.errors import StoreError
 from difftune.store._records import CALIBRATION, METRICS, Direction, TrialRecord
 
-__all__ = ["Constraint", "Goal", "Selection", "parse_constraint", "parse_select", "select_point"]
+__all__ = [
+    "Constraint",
+    "Goal",
+    "Selection",
+    "meets",
+    "no_point_error",
+    "parse_constraint",
+    "parse_select",
+    "rank_points",
+    "select_point",
+]
 
 _OPS = (">=", "<=", "==", ">", "<")
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?inf"
@@ -174,19 +184,10 @@ def _describe(record: TrialRecord, names: Iterable[str], split: str) -> str:
     return f"trial {record.number} ({shown})"
 
 
-def select_point(records: Sequence[TrialRecord], expr: str | Selection, *, split: str = CALIBRATION) -> TrialRecord:
-    """The record ``expr`` picks among ``records`` (usually a study's Pareto front).
-
-    Ties on the goal go to the lower trial number.
-
-    Raises:
-        StoreError: the expression does not parse; it names a metric the records do not have (the
-            message lists the known ones); or no record meets the constraints (the message names
-            the closest one, by the smallest sum of violations each divided by the metric's spread,
-            and its values).
-    """
-    selection = parse_select(expr)
-    records = list(records)
+def _resolve(
+    records: Sequence[TrialRecord], selection: Selection, split: str
+) -> tuple[str, Direction, list[TrialRecord]]:
+    """The goal's metric and direction, and the records that have every metric the selection names."""
     if not records:
         raise StoreError(
             f"nothing to select {selection} from: the study has no complete trials yet; run a search first"
@@ -200,6 +201,7 @@ def select_point(records: Sequence[TrialRecord], expr: str | Selection, *, split
         )
 
     goal = selection.goal
+    direction: Direction
     if goal.metric is None:  # fastest
         if "speedup" in known:
             metric, direction = "speedup", "maximize"
@@ -215,39 +217,78 @@ def select_point(records: Sequence[TrialRecord], expr: str | Selection, *, split
     for constraint in selection.constraints:
         if constraint.metric not in known:
             raise unknown(constraint.metric)
-
     needed = [metric, *(c.metric for c in selection.constraints)]
     candidates = [r for r in records if all(r.value(n, split) is not None for n in needed)]
     if not candidates:
         raise StoreError(f"no trial has all of {', '.join(dict.fromkeys(needed))} measured on {split}")
+    return metric, direction, candidates
 
-    def meets(record: TrialRecord) -> bool:
-        values = record.values(split)
-        return all(c.satisfied(values[c.metric]) for c in selection.constraints)
 
-    feasible = [r for r in candidates if meets(r)]
+def meets(selection: Selection | str, values: Mapping[str, float]) -> bool:
+    """Whether ``values`` (metric → value) satisfy every constraint of ``selection`` (a missing metric does not)."""
+    parsed = parse_select(selection) if isinstance(selection, str) else selection
+    return all(c.metric in values and c.satisfied(values[c.metric]) for c in parsed.constraints)
+
+
+def rank_points(
+    records: Sequence[TrialRecord], expr: str | Selection, *, split: str = CALIBRATION
+) -> list[TrialRecord]:
+    """The records meeting ``expr``'s constraints on ``split``, best goal first (ties: lower trial number).
+
+    Raises:
+        StoreError: as :func:`select_point` — a malformed expression, an unknown metric, or no record
+            meeting the constraints (naming the closest).
+    """
+    selection = parse_select(expr)
+    records = list(records)
+    metric, direction, candidates = _resolve(records, selection, split)
+    feasible = [r for r in candidates if meets(selection, r.values(split))]
     if feasible:
         sign = -1.0 if direction == "maximize" else 1.0
-        return min(feasible, key=lambda r: (sign * r.values(split)[metric], r.number))
+        return sorted(feasible, key=lambda r: (sign * r.values(split)[metric], r.number))
+    raise no_point_error(candidates, selection, metric, split)
 
+
+def no_point_error(
+    candidates: Sequence[TrialRecord], selection: Selection, metric: str, split: str, what: str = ""
+) -> StoreError:
+    """The error for a selection no candidate meets: it names the closest candidate (the smallest sum of
+    violations, each divided by the metric's spread) and what it misses."""
     scales = _scales(candidates, [c.metric for c in selection.constraints], split)
 
     def distance(record: TrialRecord) -> float:
         values = record.values(split)
-        return sum(c.violation(values[c.metric]) / scales[c.metric] for c in selection.constraints)
+        return sum(
+            (c.violation(values[c.metric]) if c.metric in values else math.inf) / scales[c.metric]
+            for c in selection.constraints
+        )
 
     closest = min(candidates, key=lambda r: (distance(r), r.number))
     values = closest.values(split)
     missed = ", ".join(
-        f"{c} (off by {c.violation(values[c.metric]):.4g})"
+        f"{c} (off by {c.violation(values[c.metric]):.4g})" if c.metric in values else f"{c} (not measured)"
         for c in selection.constraints
-        if not c.satisfied(values[c.metric])
+        if c.metric not in values or not c.satisfied(values[c.metric])
     )
-    raise StoreError(
-        f"no point satisfies {' and '.join(str(c) for c in selection.constraints)}; the closest is "
+    return StoreError(
+        f"no point satisfies {' and '.join(str(c) for c in selection.constraints)}{what}; the closest is "
         f"{_describe(closest, [metric, *(c.metric for c in selection.constraints)], split)}, which misses {missed}: "
         "relax the constraint or run a longer search"
     )
+
+
+def select_point(records: Sequence[TrialRecord], expr: str | Selection, *, split: str = CALIBRATION) -> TrialRecord:
+    """The record ``expr`` picks among ``records`` (usually a study's Pareto front).
+
+    Ties on the goal go to the lower trial number.
+
+    Raises:
+        StoreError: the expression does not parse; it names a metric the records do not have (the
+            message lists the known ones); or no record meets the constraints (the message names
+            the closest one, by the smallest sum of violations each divided by the metric's spread,
+            and its values).
+    """
+    return rank_points(records, expr, split=split)[0]
 
 
 def _scales(records: Sequence[TrialRecord], metrics: Iterable[str], split: str) -> Mapping[str, float]:

@@ -85,3 +85,33 @@ def test_generate_with_a_bad_profile_fails_cleanly(tmp_path, content, message):
     assert result.returncode == EXIT_BAD_INPUT
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["calibrate", "--bogus"], "No such option: --bogus"),
+        (["frontz"], "Did you mean 'fronts'?"),
+        (["calibrate", "--budget", "0"], "Invalid value for '--budget'"),
+    ],
+)
+def test_usage_errors_are_the_usual_message_with_exit_2_not_a_traceback(args, message, capsys):
+    from difftune.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Usage: difftune" in err and "Traceback" not in err
+
+
+def test_an_unwritable_output_is_one_line(tmp_path, capsys):
+    from difftune.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--prompt", "3", "--steps", "2", "--per-prompt", "1", "--out", str(blocker / "grid.png")])
+    assert exc.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write") and str(blocker) in lines[0]
