@@ -290,7 +290,11 @@ def _study_device(study: Any) -> str:
 
 
 def _point_label(trial: Any) -> str:
-    return str((trial.config or {}).get("baseline") or "")
+    """The hand-made method's name of a baseline or seed; the retried trial of a retry; else empty."""
+    config = trial.config or {}
+    if trial.kind == "retry":
+        return f"of trial {config.get('retry_of', '?')}"
+    return str(config.get("baseline") or config.get("seed") or "")
 
 
 def _front_table(study: Any, trials: list[Any], title: str | None = None, constraints: Sequence[str] = ()) -> Any:
@@ -307,7 +311,8 @@ def _front_table(study: Any, trials: list[Any], title: str | None = None, constr
         title += f" · feasible points only: {' and '.join(constraints)}"
     table = Table(title=title)
     table.add_column("trial", justify="right")
-    table.add_column("baseline", overflow="fold", min_width=8)
+    table.add_column("kind")
+    table.add_column("method", overflow="fold", min_width=8)
     for objective in study.objectives:
         arrow = "↑" if objective.direction == "maximize" else "↓"
         table.add_column(f"{objective.name} {arrow}", justify="right", no_wrap=True)
@@ -316,7 +321,7 @@ def _front_table(study: Any, trials: list[Any], title: str | None = None, constr
     for trial in trials:
         values = trial.values()
         cells = [f"{values[n]:.4g}" if n in values else "" for n in (*names, *extra)]
-        table.add_row(str(trial.number), _point_label(trial), *cells)
+        table.add_row(str(trial.number), trial.kind, _point_label(trial), *cells)
     return table
 
 
@@ -607,7 +612,9 @@ def _front_json(study: Any, trials: list[Any], front: Any) -> dict[str, Any]:
         "points": [
             {
                 "trial": t.number,
+                "kind": t.kind,
                 "baseline": (t.config or {}).get("baseline"),
+                "seed": (t.config or {}).get("seed"),
                 "params": t.params,
                 "metrics": {m.name: {"value": m.value, "unit": m.unit, "direction": m.direction} for m in t.metrics},
             }

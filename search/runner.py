@@ -476,20 +476,22 @@ def _candidates(job: _Job) -> list[Any]:
     inside its locked transaction; an interrupted baseline or seed frees its own key and is retried
     by it, a searched point as ``retry:<number>``.
     """
-    from difftune.store import INTERRUPTED, Candidate, TrialState
+    from difftune.store import Candidate, TrialState
 
     out = []
-    for t in job.store.list_trials(job.study.id, TrialState.FAILED):
+    for t in job.store.list_trials(job.study.id, TrialState.INTERRUPTED):
         config = dict(t.config or {})
-        if not (t.error or "").startswith(INTERRUPTED) or not config:
-            continue  # a real failure; or killed before the searcher filled in its point
-        if config.get("baseline") or config.get("seed"):
-            continue
+        if not config or t.kind in ("baseline", "seed"):
+            continue  # killed before the searcher filled in its point; or retried by its own key
         config["retry_of"] = config.get("retry_of", t.number)
         config.pop("optuna_number", None)
-        out.append(Candidate(f"retry:{config['retry_of']}", t.params, config))
-    out += [Candidate(f"baseline:{p.name}", p.params or {}, {"baseline": p.name}) for p in job.baselines]
-    out += [Candidate(f"seed:{p.name}", p.params, {"seed": p.name}) for p in job.seeds if p.params is not None]
+        out.append(Candidate(f"retry:{config['retry_of']}", t.params, config, kind="retry"))
+    out += [
+        Candidate(f"baseline:{p.name}", p.params or {}, {"baseline": p.name}, kind="baseline") for p in job.baselines
+    ]
+    out += [
+        Candidate(f"seed:{p.name}", p.params, {"seed": p.name}, kind="seed") for p in job.seeds if p.params is not None
+    ]
     return out
 
 
@@ -512,7 +514,9 @@ def _evaluate_trial(job: _Job, trial: Any, sections_of: Callable[[], Mapping[str
         sections = sections_of()
         profile = to_profile(sections, job.context, name=label, provenance=job.provenance)
         config["profile"] = profile.to_dict()
-        job.store.update_trial(trial.id, config=config)
+        decoded = time.perf_counter()
+        job.store.update_trial(trial.id, config=config)  # a store write: billed to the overhead, not the trial
+        started += time.perf_counter() - decoded
         with _Heartbeat(job.store, trial.id):
             reference = job.reference
             handle = apply_profile(job.pipe, profile)
@@ -618,13 +622,12 @@ def _run_trials(job: _Job, progress: Callable[[RunProgress], None] | None, max_t
 
 def _fail_dead_optuna_trials(job: _Job) -> None:
     """Optuna trials left running by a killed worker are told failed (their points are retried by the store)."""
-    from difftune.store import INTERRUPTED, TrialState
+    from difftune.store import TrialState
 
-    for t in job.store.list_trials(job.study.id, TrialState.FAILED):
+    for t in job.store.list_trials(job.study.id, TrialState.INTERRUPTED):
         number = (t.config or {}).get("optuna_number")
-        if number is None or not (t.error or "").startswith(INTERRUPTED):
-            continue
-        job.search.fail_if_running(int(number), t.error or "interrupted")
+        if number is not None:
+            job.search.fail_if_running(int(number), f"interrupted: {t.error or ''}".strip())
 
 
 def _result(job: _Job, before: int, ran: int) -> RunResult:

@@ -82,6 +82,7 @@ def fill_study(store: Store, study: int | str, n: int, *, seed: int = 0, batch: 
                 "started_at": now,
                 "finished_at": now,
                 "heartbeat_at": now,
+                "kind": "searched",
             }
             for i in range(lo, hi)
         ]

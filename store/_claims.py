@@ -12,9 +12,9 @@ serialises writers with ``BEGIN IMMEDIATE``), then
 3. otherwise inserts a running trial for the searcher to fill (:meth:`ClaimsMixin.update_trial`).
 
 A trial whose worker is gone (its process is dead on this host, or it sent no heartbeat for the
-grace period) is failed as interrupted by :meth:`ClaimsMixin.interrupt_trials`: its error starts with
-``"interrupted:"``, its claim key gets a suffix so that the key is free for the retry, and it stops
-counting against the budget.
+grace period) is put in the state ``interrupted`` by :meth:`ClaimsMixin.interrupt_trials` (its error
+says why), its claim key gets a suffix so that the key is free for the retry, and it stops counting
+against the budget.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, func, not_, or_, select
+from sqlalchemy import func, or_, select
 
 from difftune.errors import StoreError
 from difftune.store._models import StudyModel, TrialModel
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 
 __all__ = ["INTERRUPTED", "Candidate", "Claim", "ClaimsMixin"]
 
-#: The error of a trial whose worker died starts with this; such trials are retried, not counted.
-INTERRUPTED = "interrupted:"
+#: The state of a trial whose worker died: such trials are retried, not counted.
+INTERRUPTED = TrialState.INTERRUPTED
 _CLAIM_LENGTH = 256
 
 
@@ -49,6 +49,8 @@ class Candidate:
     key: str
     params: Mapping[str, Any]
     config: Mapping[str, Any] | None = None
+    #: what the claimed trial is (baseline, seed, retry; a trial claimed without a candidate is searched)
+    kind: str = "baseline"
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,9 @@ class Claim:
     key: str | None
 
 
-def _interrupted() -> Any:
-    return and_(TrialModel.state == TrialState.FAILED.value, TrialModel.error.like(f"{INTERRUPTED}%"))
-
-
 def _budget_filter() -> Any:
-    finished = [s.value for s in TrialState if s.is_finished()]
-    return and_(TrialModel.state.in_(finished), not_(_interrupted()))
+    counted = [s.value for s in TrialState if s.is_finished() and s is not TrialState.INTERRUPTED]
+    return TrialModel.state.in_(counted)
 
 
 class ClaimsMixin:
@@ -121,11 +119,12 @@ class ClaimsMixin:
         with :meth:`update_trial`. Running trials count against the budget, so several workers
         never start more trials than the budget allows.
         """
-        from difftune.store._storage import _Conflict, _json, _now, _trial_record
+        from difftune.store._storage import _check_kind, _Conflict, _json, _now, _trial_record
 
         for c in candidates:
             if not c.key or len(c.key) > _CLAIM_LENGTH:
                 raise StoreError(f"claim key must be 1-{_CLAIM_LENGTH} characters, got {c.key!r}")
+            _check_kind(c.kind)
         for attempt in range(20):
             try:
                 with self._session("cannot claim a trial in", write=True) as session:
@@ -167,6 +166,7 @@ class ClaimsMixin:
                         params=params,
                         config=cfg,
                         claim=None if chosen is None else chosen.key,
+                        kind="searched" if chosen is None else chosen.kind,
                         started_at=now,
                         worker_id=worker_id,
                         heartbeat_at=now,
@@ -204,7 +204,7 @@ class ClaimsMixin:
         trial_ids: Sequence[int] | None = None,
         reason: str | None = None,
     ) -> list[TrialRecord]:
-        """Fail the running trials whose worker is gone, as interrupted (retried, not counted).
+        """Mark the running trials whose worker is gone ``interrupted`` (retried, not counted).
 
         A trial is interrupted when ``alive(worker_id)`` is False (e.g. its process no longer exists
         on this host), or when its last heartbeat is older than ``grace_period`` seconds; with
@@ -231,9 +231,9 @@ class ClaimsMixin:
                     why = f"worker {row.worker_id or '?'} sent no heartbeat for {grace_period:g} s"
                 else:
                     continue
-                row.state = TrialState.FAILED.value
+                row.state = TrialState.INTERRUPTED.value
                 row.finished_at = now
-                row.error = f"{INTERRUPTED} {why}"
+                row.error = why
                 if row.claim is not None:  # free the key for the retry
                     row.claim = f"{row.claim}@{row.number}"[:_CLAIM_LENGTH]
                 out.append(row)

@@ -138,6 +138,8 @@ class TrialModel(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     #: what a worker claimed this trial as ("baseline:fora_3", "retry:17"); unique within a study
     claim: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    #: baseline (a named hand-made method), seed (a hand-made starting point), searched, or retry
+    kind: Mapped[str] = mapped_column(String(16), server_default="searched", default="searched")
 
     __table_args__ = (
         UniqueConstraint("study_id", "number"),
@@ -145,7 +147,8 @@ class TrialModel(Base):
         Index("ix_difftune_trials_study_id_state", "study_id", "state"),
         # A baseline or a retry is claimed once per study (NULL claims — searched trials — repeat).
         Index("uq_difftune_trials_study_id_claim", "study_id", "claim", unique=True),
-        CheckConstraint("state IN ('running', 'complete', 'failed', 'pruned')", name="state"),
+        CheckConstraint("state IN ('running', 'complete', 'failed', 'pruned', 'interrupted')", name="state"),
+        CheckConstraint("kind IN ('baseline', 'seed', 'searched', 'retry')", name="kind"),
     )
 
 

@@ -53,15 +53,20 @@ SPLITS = (CALIBRATION, HELD_OUT)
 
 
 class TrialState(str, Enum):
-    """Where a trial is in its life; every state but ``RUNNING`` is final."""
+    """Where a trial is in its life; every state but ``RUNNING`` is final.
+
+    ``INTERRUPTED``: its worker died (killed, lost machine, Ctrl-C); it does not count against the
+    study's budget, and its point is retried.
+    """
 
     RUNNING = "running"
     COMPLETE = "complete"
     FAILED = "failed"
     PRUNED = "pruned"
+    INTERRUPTED = "interrupted"
 
     def is_finished(self) -> bool:
-        """Whether the trial has ended (complete, failed or pruned)."""
+        """Whether the trial has ended (complete, failed, pruned or interrupted)."""
         return self is not TrialState.RUNNING
 
     @classmethod
@@ -73,6 +78,11 @@ class TrialState(str, Enum):
             return cls(str(value).lower())
         except ValueError:
             raise StoreError(f"unknown trial state {value!r}; known: {', '.join(s.value for s in cls)}") from None
+
+
+#: What a trial is: a named hand-made method, a hand-made starting point for the searcher, a point the
+#: searcher proposed, or the re-run of an interrupted trial's point.
+TRIAL_KINDS = ("baseline", "seed", "searched", "retry")
 
 
 class StudyStatus(str, Enum):
@@ -255,6 +265,8 @@ class TrialRecord:
     worker_id: str | None
     heartbeat_at: datetime | None
     metrics: tuple[MetricRecord, ...] = ()
+    #: one of :data:`TRIAL_KINDS`
+    kind: str = "searched"
 
     def values(self, split: str = CALIBRATION) -> dict[str, float]:
         """``{metric: value}`` measured on ``split``."""

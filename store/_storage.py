@@ -128,7 +128,15 @@ def _trial_record(row: Any, metrics: Sequence[MetricRecord] = ()) -> TrialRecord
         worker_id=row.worker_id,
         heartbeat_at=row.heartbeat_at,
         metrics=tuple(metrics),
+        kind=row.kind or "searched",
     )
+
+
+def _check_kind(kind: str) -> None:
+    from difftune.store._records import TRIAL_KINDS
+
+    if kind not in TRIAL_KINDS:
+        raise StoreError(f"trial kind {kind!r}: expected one of {', '.join(TRIAL_KINDS)}")
 
 
 def _metric_record(row: Any) -> MetricRecord:
@@ -435,8 +443,9 @@ class Store(ClaimsMixin):
         number: int | None = None,
         config: Mapping[str, Any] | None = None,
         worker_id: str | None = None,
+        kind: str = "searched",
     ) -> TrialRecord:
-        """A new running trial of ``study``.
+        """A new running trial of ``study`` (``kind``: one of :data:`~difftune.store.TRIAL_KINDS`).
 
         Without ``number`` the next free number is taken (concurrent writers each get their own).
         With ``number`` (e.g. Optuna's trial number) the insert is retry-safe: when that number is
@@ -447,6 +456,7 @@ class Store(ClaimsMixin):
         """
         params_json = _json(dict(params), "trial params")
         config_json = None if config is None else _json(dict(config), "trial config")
+        _check_kind(kind)
         if number is not None and (isinstance(number, bool) or not isinstance(number, int) or number < 0):
             raise StoreError(f"trial number must be a non-negative integer, got {number!r}")
         for attempt in range(_RETRIES):
@@ -475,6 +485,7 @@ class Store(ClaimsMixin):
                         started_at=now,
                         worker_id=worker_id,
                         heartbeat_at=now,
+                        kind=kind,
                     )
                     session.add(row)
                     session.flush()

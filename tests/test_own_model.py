@@ -80,6 +80,7 @@ def test_own_models_calibrate_store_their_settings_and_export(calibrated, capsys
         assert [o["name"] for o in front["objectives"]] == ["speedup", "psnr", "sharpness"], name
         assert front["device"] == "cpu" and front["points"], name
         for point in front["points"]:
+            assert point["kind"] == "baseline" and point["baseline"]  # a budget of 2: the first baselines
             assert {"speedup", "psnr", "sharpness", "latency_ms", "nfe"} <= set(point["metrics"])
             assert "class_accuracy" not in point["metrics"]
 

@@ -49,3 +49,19 @@ def test_run_benchmark_passes_only_the_options_a_benchmark_takes(monkeypatch):
     assert seen == {"budget": 3, "samples": 20}  # None keeps the default, unknown options are dropped
     with pytest.raises(DifftuneError, match="unknown benchmark 'nope'"):
         run_benchmark("nope")
+
+
+def test_seeds_count_among_the_hand_made_points_not_the_searched_ones():
+    from types import SimpleNamespace
+
+    from difftune.search._bench import split_points
+
+    trials = [
+        SimpleNamespace(number=0, kind="baseline", config={"baseline": "identity"}),
+        SimpleNamespace(number=1, kind="baseline", config={"baseline": "unipc_nfe5"}),
+        SimpleNamespace(number=2, kind="seed", config={"seed": "unipc4_reuse1"}),
+        SimpleNamespace(number=3, kind="searched", config={"baseline": None}),
+        SimpleNamespace(number=4, kind="retry", config={"baseline": None, "retry_of": 3}),
+    ]
+    hand_made, searched = split_points(trials)
+    assert [t.number for t in hand_made] == [1, 2] and [t.number for t in searched] == [3, 4]

@@ -81,7 +81,7 @@ def _assert_consistent(store, study: str, budget: int) -> list:
 
 
 def _counts(trial) -> bool:
-    return not (trial.state is TrialState.FAILED and (trial.error or "").startswith("interrupted:"))
+    return trial.state is not TrialState.INTERRUPTED
 
 
 def _assert_optuna_settled(url: str, study: str) -> None:
@@ -139,7 +139,7 @@ def test_kill_9_mid_trial_then_rerun_resumes_and_retries_the_point(tmp_path):
             t = by_id[trial_id]
             assert (t.number, dict(t.params), t.values(), t.state) == (number, params, values, TrialState.COMPLETE)
         after = by_id[killed.id]
-        assert after.state is TrialState.FAILED and after.error.startswith("interrupted:"), after.error
+        assert after.state is TrialState.INTERRUPTED, (after.state, after.error)
         assert "no longer running" in after.error
         later = [t for t in trials if t.number > killed.number]
         assert killed.config.get("optuna_number") is not None and killed.params
@@ -308,9 +308,9 @@ def test_ctrl_c_in_a_trial_stores_it_interrupted_and_the_next_run_retries_it(tmp
         run_study(pipeline=embedded_pipe, budget=4, storage=url, study="c", **TINY)
     with get_store(url) as store:
         trials = store.list_trials("c")
-        assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAILED]
+        assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.INTERRUPTED]
         stopped = trials[1]
-        assert stopped.error == "interrupted: KeyboardInterrupt"
+        assert stopped.error == "KeyboardInterrupt"
         assert store.count_budget_trials("c") == 1 and store.count_trials("c", TrialState.RUNNING) == 0
     _assert_optuna_settled(url, "c")
 

@@ -1,4 +1,4 @@
-"""Claiming trials: a study's budget, candidate keys, interrupted trials, and the v0.2.0.a migration.
+"""Claiming trials: a study's budget, candidate keys, interrupted trials, and the v0.2.0.a / v0.3.0.a migrations.
 
 Tests taking ``db`` or ``store`` run on SQLite and on PostgreSQL (when $DIFFTUNE_TEST_POSTGRES_URL is set).
 """
@@ -61,8 +61,8 @@ def test_budget_counts_running_and_failed_trials_but_not_interrupted_ones(db: st
         [interrupted] = store.interrupt_trials(
             "budget", grace_period=3600, trial_ids=[claims[1].trial.id], reason="ctrl-c"
         )
-        assert interrupted.id == claims[1].trial.id and interrupted.state is TrialState.FAILED
-        assert interrupted.error == f"{INTERRUPTED} ctrl-c"
+        assert interrupted.id == claims[1].trial.id and interrupted.state is TrialState.INTERRUPTED
+        assert interrupted.error == "ctrl-c"
         assert store.count_budget_trials("budget") == 1  # interrupted trials are not counted
 
         fourth = _claim(store, "budget")  # the interrupted trial freed a slot
@@ -110,7 +110,7 @@ def test_candidates_are_claimed_once_and_retried_after_an_interruption(store: St
     assert store.claim_keys("c") == {"baseline:a", "baseline:b"}
 
     [gone] = store.interrupt_trials("c", grace_period=3600, trial_ids=[first.trial.id])
-    assert gone.error == f"{INTERRUPTED} stopped"
+    assert gone.error == "stopped" and gone.state is INTERRUPTED
     assert store.claim_keys("c") == {"baseline:a@0", "baseline:b"}  # suffixed by the trial's number
 
     retry = _claim(store, "c", candidates=[BASELINE_A, BASELINE_B])
@@ -199,8 +199,8 @@ def test_interrupt_trials_of_dead_workers_and_stale_heartbeats(store: Store) -> 
     anonymous = _claim(store, "i")
 
     [failed] = store.interrupt_trials("i", grace_period=3600, alive=lambda w: w != "dead-worker")
-    assert failed.id == dead.trial.id and failed.state is TrialState.FAILED
-    assert failed.error == f"{INTERRUPTED} worker dead-worker is no longer running"
+    assert failed.id == dead.trial.id and failed.state is TrialState.INTERRUPTED
+    assert failed.error == "worker dead-worker is no longer running"
     assert failed.finished_at is not None
     assert store.claim_keys("i") == {"baseline:a", f"baseline:b@{dead.trial.number}"}
     assert store.get_trial(done.trial.id) == done_record  # finished: untouched
@@ -213,8 +213,8 @@ def test_interrupt_trials_of_dead_workers_and_stale_heartbeats(store: Store) -> 
     stale = store.interrupt_trials("i", grace_period=0, alive=lambda w: True)
     assert sorted(t.id for t in stale) == sorted([live.trial.id, anonymous.trial.id])
     errors = {t.id: t.error for t in stale}
-    assert errors[live.trial.id] == f"{INTERRUPTED} worker live-worker sent no heartbeat for 0 s"
-    assert errors[anonymous.trial.id] == f"{INTERRUPTED} worker ? sent no heartbeat for 0 s"
+    assert errors[live.trial.id] == "worker live-worker sent no heartbeat for 0 s"
+    assert errors[anonymous.trial.id] == "worker ? sent no heartbeat for 0 s"
     assert store.get_trial(done.trial.id) == done_record
     assert store.get_trial(dead.trial.id).error == failed.error  # already failed: not failed again
     assert store.count_trials("i", "running") == 0
@@ -286,7 +286,7 @@ def test_a_v010_database_is_upgraded_keeping_its_study_and_trial(tmp_path: Path)
     assert current_revision(url) == "v0.1.0.a"
 
     with Store(url) as store:
-        assert current_revision(url) == "v0.2.0.a"
+        assert current_revision(url) == "v0.3.0.a"
         study = store.get_study("legacy")
         assert (study.id, study.space, study.budget) == (1, "cache", None)
         [trial] = store.list_trials("legacy")
@@ -294,7 +294,7 @@ def test_a_v010_database_is_upgraded_keeping_its_study_and_trial(tmp_path: Path)
         assert store.claim_keys("legacy") == set()
         # the old trial's heartbeat (2025) is stale: it is interrupted, and the new columns work
         [old] = store.interrupt_trials("legacy", grace_period=60)
-        assert old.id == 1 and old.error == f"{INTERRUPTED} worker w0 sent no heartbeat for 60 s"
+        assert old.id == 1 and old.error == "worker w0 sent no heartbeat for 60 s" and old.state is INTERRUPTED
         store.set_study_budget("legacy", 1)
         claim = _claim(store, "legacy", candidates=[BASELINE_A])
         assert (claim.key, claim.trial.number) == ("baseline:a", 1)
@@ -309,3 +309,49 @@ def test_a_v010_database_is_upgraded_keeping_its_study_and_trial(tmp_path: Path)
         engine.dispose()
     assert [tuple(r) for r in rows] == [(1, None), (2, "baseline:a")]
     assert budget == 1
+
+
+def test_a_v020_database_gets_trial_kinds_and_interrupted_states(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'v020.db'}"
+    assert upgrade(url, "v0.2.0.a") == "v0.2.0.a"
+    engine = create_engine(url)
+    rows = [  # (number, state, config, error)
+        (0, "complete", '{"baseline": "fora_2"}', None),
+        (1, "complete", '{"seed": "unipc_4"}', None),
+        (2, "failed", '{"baseline": null, "optuna_number": 0}', "interrupted: worker w1 is no longer running"),
+        (3, "complete", '{"baseline": null, "retry_of": 2}', None),
+        (4, "failed", "null", "RuntimeError: boom"),
+    ]
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO difftune_models (id, name, family, fingerprint, created_at) "
+                    "VALUES (1, 'm', 'embedded', 'fp', '2025-01-01 00:00:00.000000')"
+                )
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO difftune_studies (id, name, model_id, space, searcher, objectives, created_at, "
+                    """status) VALUES (1, 's', 1, 'cache', 'nsga2', '[{"name": "psnr", "direction": "maximize", """
+                    """"unit": "dB"}]', '2025-01-01 00:00:00.000000', 'running')"""
+                )
+            )
+            for number, state, config, error in rows:
+                connection.execute(
+                    text(
+                        "INSERT INTO difftune_trials (study_id, number, state, params, config, error, started_at) "
+                        "VALUES (1, :n, :state, '{}', :config, :error, '2025-01-01 00:00:00.000000')"
+                    ),
+                    {"n": number, "state": state, "config": config, "error": error},
+                )
+    finally:
+        engine.dispose()
+    with Store(url) as store:
+        assert current_revision(url) == "v0.3.0.a"
+        trials = {t.number: t for t in store.list_trials("s")}
+    assert [trials[n].kind for n in range(5)] == ["baseline", "seed", "searched", "retry", "searched"]
+    assert trials[2].state is INTERRUPTED and trials[2].error == "worker w1 is no longer running"
+    assert trials[4].state is TrialState.FAILED and trials[4].error == "RuntimeError: boom"
+    with Store(url) as store:
+        assert store.count_budget_trials("s") == 4  # the interrupted trial does not count
