@@ -353,6 +353,8 @@ def _print_failures(result: Any) -> None:
 def _on_start(verb: str) -> Callable[[Any], None]:
     def show(settings: Any) -> None:
         console.print(f"{verb} {settings.model} on {settings.describe_call()}", highlight=False, soft_wrap=True)
+        for name, reason in (settings.extra.get("not_measured") or {}).items():
+            console.print(f"  not measured here: {name} — {reason}", highlight=False, soft_wrap=True, style="dim")
 
     return show
 
@@ -506,6 +508,8 @@ def calibrate(
         f"study {result.study.name!r} holds {result.finished} finished trials ({result.new_trials} new{failed}) "
         f"in {result.storage}"
     )
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
     if result.all_failed:
         _print_failures(result)
         sys.exit(EXIT_ALL_FAILED)

@@ -31,6 +31,14 @@ METRIC_TABLE: tuple[MetricRow, ...] = (
     MetricRow("nfe", _MIN, "calls", "denoiser evaluations per sampling run (calls that ran the network)", "cost"),
     MetricRow("latency_ms", _MIN, "ms", "median wall time of one pipeline call on the latency batch", "cost"),
     MetricRow("speedup", _MAX, "×", "reference latency / this latency, timed alternately in the same run", "cost"),
+    MetricRow(
+        "speedup_spread",
+        _MIN,
+        "×",
+        "timing noise of speedup: half the spread of the paired (or per-side) speedup estimates; fronts treat "
+        "speedups closer than it as equal",
+        "cost",
+    ),
     MetricRow("peak_memory_mb", _MIN, "MiB", "peak CUDA memory allocated during the trial's pipeline calls", "cost"),
     MetricRow("flops_ratio", _MIN, "ratio", "FLOPs of one pipeline call / the reference setting's", "cost"),
     MetricRow("psnr", _MAX, "dB", "peak signal-to-noise ratio vs the reference image (mean over images)"),

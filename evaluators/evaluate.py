@@ -61,7 +61,7 @@ DEFAULT_METRICS: tuple[str, ...] = (
     "ssim",
     "mse",
 )
-_COST_METRICS = ("nfe", "flops_ratio", "latency_ms", "speedup", "peak_memory_mb")
+_COST_METRICS = ("nfe", "flops_ratio", "latency_ms", "speedup", "speedup_spread", "peak_memory_mb")
 _OOM_ERRORS: tuple[type[BaseException], ...] = (
     getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
     MemoryError,
@@ -299,13 +299,13 @@ def _evaluate(
 
     timed = samples[: latency.batch_size or batch_size]
     ab: ABResult | None = None
-    if ("latency_ms" in names or "speedup" in names) and latency.reuse_reference:
+    if {"latency_ms", "speedup", "speedup_spread"} & set(names) and latency.reuse_reference:
         ref_latency = reference.latency(timed, warmup=latency.warmup, repeats=latency.repeats, device=device)
         own = measure(
             lambda: generate(pipe, timed, kwargs), warmup=latency.warmup, repeats=latency.repeats, device=device
         )
         ab = ABResult(ref_latency, own)
-    elif "latency_ms" in names or "speedup" in names:
+    elif {"latency_ms", "speedup", "speedup_spread"} & set(names):
         ab = measure_ab(
             reference.runner(timed),
             lambda: generate(pipe, timed, kwargs),
@@ -317,6 +317,8 @@ def _evaluate(
         results["latency_ms"] = _check_value("latency_ms", ab.b.statistic(latency.statistic))
     if ab is not None and "speedup" in names:
         results["speedup"] = _check_value("speedup", ab.speedup_by(latency.statistic))
+    if ab is not None and "speedup_spread" in names:
+        results["speedup_spread"] = _check_value("speedup_spread", ab.speedup_spread(latency.statistic))
     if "peak_memory_mb" in names and device.type != "cuda":
         results["peak_memory_mb"] = None  # the CPU has no per-call peak to read
     return {name: results[name] for name in names}

@@ -98,6 +98,23 @@ class ABResult:
         """How many times faster b is than a (medians)."""
         return self.a.median_ms / self.b.median_ms
 
+    def speedup_spread(self, statistic: str) -> float:
+        """The timing noise of :meth:`speedup_by`, in × (the same unit as the speedup).
+
+        ``"paired"``: half the interquartile range of the back-to-back ratios (half their whole range
+        with fewer than 4 repeats). Otherwise: the speedup times the two sides' relative half-spreads
+        (p10–p90) added in quadrature.
+        """
+        if statistic == "paired" and self.a_ms and len(self.a_ms) == len(self.b_ms):
+            ratios = sorted(a / b for a, b in zip(self.a_ms, self.b_ms, strict=True))
+            if len(ratios) >= 4:
+                q1, _, q3 = statistics.quantiles(ratios, n=4)
+                return (q3 - q1) / 2
+            return (ratios[-1] - ratios[0]) / 2
+        rel_a = (self.a.p90_ms - self.a.p10_ms) / (2 * self.a.median_ms)
+        rel_b = (self.b.p90_ms - self.b.p10_ms) / (2 * self.b.median_ms)
+        return self.speedup_by(statistic) * math.hypot(rel_a, rel_b)
+
     def speedup_by(self, statistic: str) -> float:
         """How many times faster b is than a: by ``"median"`` or ``"min"`` of each side's repeats, or
         ``"paired"``: the median of the ratios of runs taken back to back.

@@ -36,6 +36,27 @@ def make_sampler(name: str, seed: int | None, n_objectives: int, population_size
     raise SpaceError(f"unknown Optuna sampler {name!r}; known: {', '.join(SAMPLERS)}")
 
 
+def _in_range(distribution: Any, value: Any) -> bool:
+    """Whether ``value`` lies in ``distribution`` (Optuna's public attributes; its own check is private)."""
+    import optuna.distributions as d
+
+    if isinstance(distribution, d.CategoricalDistribution):
+        return value in distribution.choices
+    if isinstance(distribution, (d.FloatDistribution, d.IntDistribution)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return False
+        if not math.isfinite(number) or not distribution.low <= number <= distribution.high:
+            return False
+        step = distribution.step
+        if step is None:
+            return True
+        offset = (number - distribution.low) / step
+        return abs(offset - round(offset)) < 1e-8
+    return True
+
+
 @register_searcher(*SAMPLERS)
 class OptunaSearcher(Searcher):
     """An Optuna study driven by ask/tell.
@@ -88,21 +109,26 @@ class OptunaSearcher(Searcher):
         values: Sequence[float],
         baseline: str | None = None,
         constraints: Mapping[str, float] | None = None,
-    ) -> None:
+    ) -> str | None:
         """Tell the sampler about a point evaluated outside ask/tell (a baseline, a retry).
 
         For NSGA-II the point joins generation 0, so that baselines are parents of the first children.
         ``constraints`` are ``name → value``, feasible when ≤ 0 (as in :meth:`tell`).
+
+        Returns:
+            None when the sampler took the point, else why it could not (a non-finite value, a
+            parameter outside the searched ranges): the caller reports it.
         """
         import optuna
 
-        if any(not math.isfinite(float(v)) for v in values):
-            return
+        bad = [float(v) for v in values if not math.isfinite(float(v))]
+        if bad:
+            return f"its objective values {list(values)} are not finite"
         dists = {k: self.distributions[k] for k in params if k in self.distributions}
         clean = {k: params[k] for k in dists}
         for name, dist in dists.items():
-            if not dist._contains(dist.to_internal_repr(clean[name])):
-                return  # outside the searched ranges: the sampler could not use it anyway
+            if not _in_range(dist, clean[name]):
+                return f"its {name}={clean[name]!r} is outside the searched range {dist}"
         # Optuna's own key for a trial's constraints (what Trial.set_constraint writes).
         system_attrs: dict[str, Any] = {f"constraints:{k}": float(v) for k, v in (constraints or {}).items()}
         if isinstance(self.study.sampler, optuna.samplers.NSGAIISampler):
@@ -116,6 +142,7 @@ class OptunaSearcher(Searcher):
                 system_attrs=system_attrs or None,
             )
         )
+        return None
 
     def fail_if_running(self, number: int, reason: str) -> None:
         """Mark trial ``number`` failed if it is still running (its worker was killed)."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import socket
@@ -96,7 +97,7 @@ HV_REFERENCE: dict[str, float] = {
 #: or perceptual metric that catches the blurred or wrong-class points PSNR alone would trade in.
 DISTRIBUTION_METRICS = ("fid", "class_accuracy", "clip_score", "image_reward", "sharpness", "lpips")
 #: Measured for every trial besides the objectives (``peak_memory_mb`` only on CUDA).
-EXTRA_METRICS = ("nfe", "flops_ratio", "latency_ms", "ssim", "mse", "sharpness", "peak_memory_mb")
+EXTRA_METRICS = ("nfe", "flops_ratio", "latency_ms", "speedup_spread", "ssim", "mse", "sharpness", "peak_memory_mb")
 #: Measured besides the objectives when their weights are on this machine (never downloaded).
 OPTIONAL_METRICS = ("lpips", "clip_score", "image_reward", "fid")
 
@@ -136,6 +137,8 @@ class RunResult:
     complete: int = 0
     #: the study's constraints (points that miss one are kept off the front)
     constraints: tuple[str, ...] = ()
+    #: what the run could not do and the user should know (a baseline the searcher could not take, …)
+    notes: tuple[str, ...] = ()
 
     @property
     def all_failed(self) -> bool:
@@ -225,6 +228,7 @@ def _worker_alive(worker_id: str | None) -> bool | None:
 
 
 _TOKEN = os.urandom(4).hex()
+_LOG = logging.getLogger("difftune.search")
 
 
 class _Heartbeat:
@@ -239,8 +243,8 @@ class _Heartbeat:
         while not self._stop.wait(self._interval):
             try:
                 self._store.heartbeat(self._trial_id)
-            except DifftuneError:
-                pass  # a busy database: the next beat retries; staleness takes minutes
+            except DifftuneError as exc:  # a busy database: the next beat retries; staleness takes minutes
+                _LOG.warning("heartbeat of trial id %s not written (the next one retries): %s", self._trial_id, exc)
 
     def __enter__(self) -> _Heartbeat:
         self._thread.start()
@@ -301,6 +305,7 @@ class _Job:
     constraints: tuple[Any, ...] = ()
     timings: dict[str, float] = field(default_factory=lambda: {"evaluation_s": 0.0, "overhead_s": 0.0})
     failures: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def _metric_context(pipe: Any, info: Any) -> Any:
@@ -312,26 +317,34 @@ def _metric_context(pipe: Any, info: Any) -> Any:
     return MetricContext(family=info.family, device=device if isinstance(device, torch.device) else torch.device("cpu"))
 
 
-def _metric_names(specs: Sequence[Any], constraints: Sequence[Any], pipe: Any, info: Any) -> list[str]:
-    """What every trial measures: the objectives, the constrained metrics, :data:`EXTRA_METRICS`, and the
-    :data:`OPTIONAL_METRICS` whose weights are on this machine (the embedded model: its FID and accuracy)."""
+def _metric_names(
+    specs: Sequence[Any], constraints: Sequence[Any], pipe: Any, info: Any
+) -> tuple[list[str], dict[str, str]]:
+    """What every trial measures — the objectives, the constrained metrics, :data:`EXTRA_METRICS`, and the
+    :data:`OPTIONAL_METRICS` whose weights are on this machine (the embedded model: its FID and accuracy) —
+    and, for the optional metrics left out, why (what is missing, how to get it)."""
     from difftune.errors import EvaluationError
     from difftune.evaluators import build_metric
 
     wanted = [*(s.name for s in specs), *(c.metric for c in constraints)]
     names = list(dict.fromkeys([*wanted, *EXTRA_METRICS]))
     if info.family == "embedded":
-        return list(dict.fromkeys([*names, "fid", "class_accuracy"]))
+        return list(dict.fromkeys([*names, "fid", "class_accuracy"])), {}
     context = _metric_context(pipe, info)
+    skipped: dict[str, str] = {}
     for name in OPTIONAL_METRICS:
-        if name in names or (name in ("clip_score", "image_reward") and info.conditioning == "class"):
+        if name in names:
+            continue
+        if name in ("clip_score", "image_reward") and info.conditioning == "class":
+            skipped[name] = "it needs text prompts; this model is class-conditional"
             continue
         try:
             build_metric(name, context)
-        except EvaluationError:
-            continue  # its weights are not here: measured only when asked for (and then it is an error)
+        except EvaluationError as exc:
+            skipped[name] = str(exc)  # measured only when asked for (and then it is an error)
+            continue
         names.append(name)
-    return names
+    return names, skipped
 
 
 def _validate(settings: Any, specs: Sequence[Any], constraints: Sequence[Any], pipe: Any, info: Any) -> None:
@@ -599,7 +612,11 @@ def _run_trials(job: _Job, progress: Callable[[RunProgress], None] | None, max_t
         if number is not None:
             job.search.tell(number, objective_values, constraints=violations, failure=record.error)
         elif objective_values is not None and params:
-            job.search.add_completed(params, objective_values, baseline=config.get("baseline"), constraints=violations)
+            refused = job.search.add_completed(
+                params, objective_values, baseline=config.get("baseline"), constraints=violations
+            )
+            if refused:  # the searcher cannot learn from it: say so rather than drop it silently
+                job.notes.append(f"{label} was evaluated but not given to the searcher: {refused}")
         ran += 1
         event = None
         if progress is not None:
@@ -654,6 +671,7 @@ def _result(job: _Job, before: int, ran: int) -> RunResult:
         failures=dict(sorted(job.failures.items(), key=lambda kv: -kv[1])),
         complete=store.count_trials(study_id, TrialState.COMPLETE),
         constraints=tuple(str(c) for c in job.constraints),
+        notes=tuple(job.notes),
     )
 
 
@@ -782,7 +800,8 @@ def run_study(
     specs = _objective_specs(chosen_objectives, settings.constraints)
     _validate(settings, specs, bounds, pipe, info)
     model_name = settings.model if isinstance(model, str) else info.name
-    settings = dataclasses.replace(settings, model=model_name, metrics=tuple(_metric_names(specs, bounds, pipe, info)))
+    measured, skipped = _metric_names(specs, bounds, pipe, info)
+    settings = dataclasses.replace(settings, model=model_name, metrics=tuple(measured))
     study_name = study or default_study_name(model_name, space)
 
     from difftune.store import default_url, get_store
@@ -810,7 +829,10 @@ def run_study(
         # A resumed study keeps what it measures; this run's device index and repeats are its own.
         run_settings = dataclasses.replace(stored, device=settings.device, latency_repeats=latency_repeats)
         if on_start is not None:
-            on_start(dataclasses.replace(run_settings, dtype=run_settings.dtype or _dtype_name(pipe)))
+            shown = dataclasses.replace(
+                run_settings, dtype=run_settings.dtype or _dtype_name(pipe), extra={"not_measured": skipped}
+            )
+            on_start(shown)
         store.set_study_budget(study_rec.id, budget)
         study_rec = store.set_study_status(study_rec.id, "running")
         job = _job(

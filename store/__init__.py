@@ -17,7 +17,7 @@ from __future__ import annotations
 from difftune.store._claims import INTERRUPTED, Candidate, Claim
 from difftune.store._engine import DEFAULT_URL, ENV_VAR, default_url, mask_url
 from difftune.store._migrate import VERSION_TABLE, current_revision, head_revision, upgrade
-from difftune.store._pareto import hypervolume, non_dominated
+from difftune.store._pareto import SPEEDUP_NOISE_FLOOR, hypervolume, noise_dominated, non_dominated
 from difftune.store._records import (
     CALIBRATION,
     HELD_OUT,
@@ -56,6 +56,7 @@ __all__ = [
     "HELD_OUT",
     "INTERRUPTED",
     "METRICS",
+    "SPEEDUP_NOISE_FLOOR",
     "TRIAL_KINDS",
     "VERSION_TABLE",
     "Candidate",
@@ -84,6 +85,7 @@ __all__ = [
     "meets",
     "metric_spec",
     "no_point_error",
+    "noise_dominated",
     "non_dominated",
     "parse_constraint",
     "parse_select",

@@ -25,7 +25,11 @@ from difftune.store._models import TrialMetricModel, TrialModel
 from difftune.store._records import Direction, MetricSpec, TrialState
 from difftune.store._select import Constraint, parse_constraint
 
-__all__ = ["front_trial_ids", "hypervolume", "non_dominated"]
+__all__ = ["SPEEDUP_NOISE_FLOOR", "front_trial_ids", "hypervolume", "noise_dominated", "non_dominated"]
+
+#: Speedups closer than this share of the faster one are taken as equal (timing noise) even when the
+#: measured spread is smaller: three paired repeats on a shared CPU swing by more than 1 %.
+SPEEDUP_NOISE_FLOOR = 0.02
 
 
 def _loss(values: np.ndarray, directions: Sequence[str]) -> np.ndarray:
@@ -92,6 +96,38 @@ def hypervolume(
     return float(HV(ref_point=ref_loss)(loss[inside]))
 
 
+def noise_dominated(
+    values: Any, directions: Sequence[Direction | str], column: int, noise: Sequence[float]
+) -> np.ndarray:
+    """A boolean mask of the rows that another row beats once column ``column``'s noise is allowed for.
+
+    Row ``a`` beats ``b`` when it is at least as good as ``b`` in every other column and better in one
+    of them, and at most ``max(noise[a], noise[b])`` worse in ``column``: a point whose only advantage is
+    a difference in ``column`` smaller than its measurement noise (a broken schedule that times 1 %
+    faster than a good one at the same NFE) does not stay on a front for it.
+
+    >>> noise_dominated([[4.24, 4.8], [4.12, 38.6], [5.5, 20.0]], ["maximize", "maximize"], 0, [0.1] * 3).tolist()
+    [True, False, False]
+    """
+    array = _loss(np.asarray(values, dtype=float), list(directions))
+    n = len(array)
+    out = np.zeros(n, dtype=bool)
+    if n < 2:
+        return out
+    tol = np.asarray(noise, dtype=float).reshape(n)
+    others = [k for k in range(array.shape[1]) if k != column]
+    if not others:
+        return out
+    rest = array[:, others]
+    # at_least[a, b]: a is no worse than b in every other column; better[a, b]: strictly better in one
+    at_least = np.all(rest[:, None, :] <= rest[None, :, :], axis=2)
+    better = np.any(rest[:, None, :] < rest[None, :, :], axis=2)
+    close = array[:, None, column] <= array[None, :, column] + np.maximum(tol[:, None], tol[None, :])
+    beats = at_least & better & close
+    np.fill_diagonal(beats, False)
+    return np.asarray(beats.any(axis=0), dtype=bool)
+
+
 def _satisfied(rule: Constraint, values: np.ndarray) -> np.ndarray:
     """:meth:`Constraint.satisfied` over an array."""
     if rule.op == ">=":
@@ -138,6 +174,21 @@ def _check_recorded(session: Session, study_id: int, split: str, names: Sequence
         )
 
 
+def _spreads(session: Session, study_id: int, trial_ids: np.ndarray, split: str) -> np.ndarray:
+    """Each trial's stored ``speedup_spread`` (NaN where none was measured)."""
+    table = TrialMetricModel.__table__
+    rows = session.execute(  # a front's few ids: the ORM session's expanding IN is fine here
+        select(table.c.trial_id, table.c.value).where(
+            table.c.study_id == study_id,
+            table.c.split == split,
+            table.c.name == "speedup_spread",
+            table.c.trial_id.in_([int(i) for i in trial_ids]),
+        )
+    ).all()
+    found = {int(t): float(v) for t, v in rows}
+    return np.array([found.get(int(i), np.nan) for i in trial_ids], dtype=float)
+
+
 def front_trial_ids(
     session: Session,
     study_id: int,
@@ -145,7 +196,12 @@ def front_trial_ids(
     constraints: Iterable[Constraint | str],
     split: str,
 ) -> list[int]:
-    """Ids of the complete trials on the Pareto front of ``objectives``, best first in the first objective."""
+    """Ids of the complete trials on the Pareto front of ``objectives``, best first in the first objective.
+
+    With ``speedup`` among the objectives, a front point whose only advantage over another front point
+    is a speedup within the timing noise (its stored ``speedup_spread``, at least
+    :data:`SPEEDUP_NOISE_FLOOR` of the speedup) is dropped (:func:`noise_dominated`).
+    """
     if not objectives:
         raise StoreError("a front needs at least one objective")
     rules = [parse_constraint(c) for c in constraints]
@@ -186,6 +242,14 @@ def front_trial_ids(
     directions = [o.direction for o in objectives]
     on_front = non_dominated(values, directions)
     front_ids, front_values = ids[on_front], values[on_front]
+    names_in_order = [o.name for o in objectives]
+    if "speedup" in names_in_order and len(front_ids) > 1:
+        column = names_in_order.index("speedup")
+        spread = _spreads(session, study_id, front_ids, split)
+        speed = front_values[:, column]
+        noise = np.maximum(np.nan_to_num(spread, nan=0.0), SPEEDUP_NOISE_FLOOR * np.abs(speed))
+        keep = ~noise_dominated(front_values, directions, column, noise)
+        front_ids, front_values = front_ids[keep], front_values[keep]
     loss = _loss(front_values, directions)
     # Best first in the first objective, then the next ones, then the oldest trial.
     order = np.lexsort((front_ids, *[loss[:, k] for k in reversed(range(loss.shape[1]))]))

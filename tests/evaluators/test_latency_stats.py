@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -229,3 +230,19 @@ def test_evaluate_by_median_alternates_with_the_reference(
     assert len(timer.timed) == 6 and reference.pipeline_calls == calls + 3
     assert m["latency_ms"] == 40.0  # median of 50, 40, 30
     assert m["speedup"] == pytest.approx(100.0 / 40.0)  # median of 100, 60, 110 over 40
+
+
+def test_speedup_spread_by_hand():
+    from difftune.evaluators import ABResult, Latency
+
+    a_ms, b_ms = (100.0, 110.0, 90.0), (50.0, 50.0, 50.0)  # paired ratios 2.0, 2.2, 1.8
+    ab = ABResult(Latency.from_samples(list(a_ms), "cpu"), Latency.from_samples(list(b_ms), "cpu"), a_ms, b_ms)
+    assert ab.speedup_by("paired") == pytest.approx(2.0)
+    assert ab.speedup_spread("paired") == pytest.approx(0.2)  # half the range of 3 ratios
+    a4, b4 = (100.0, 104.0, 108.0, 140.0), (50.0, 50.0, 50.0, 50.0)  # ratios 2.0, 2.08, 2.16, 2.8
+    ab4 = ABResult(Latency.from_samples(list(a4), "cpu"), Latency.from_samples(list(b4), "cpu"), a4, b4)
+    q1, _, q3 = statistics.quantiles([2.0, 2.08, 2.16, 2.8], n=4)
+    assert ab4.speedup_spread("paired") == pytest.approx((q3 - q1) / 2)
+    # ratio of medians: the two sides' relative half-spreads (p10–p90) in quadrature; b has none here
+    rel_a = (ab.a.p90_ms - ab.a.p10_ms) / (2 * ab.a.median_ms)
+    assert ab.speedup_spread("median") == pytest.approx(ab.speedup_by("median") * rel_a)

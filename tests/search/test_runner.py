@@ -152,3 +152,18 @@ def test_nfe_range_is_checked_before_the_database_is_touched(tmp_path):
     with pytest.raises(SpaceError, match="nfe_range"):
         run_study(budget=1, nfe_range=(5, 3), storage=f"sqlite:///{tmp_path / 'd.db'}")
     assert not (tmp_path / "d.db").exists()
+
+
+def test_a_heartbeat_that_cannot_be_written_is_logged_not_swallowed(caplog):
+    import time
+
+    from difftune.search.runner import _Heartbeat
+
+    class BusyStore:
+        def heartbeat(self, trial_id):
+            raise difftune.StoreError("database is locked")
+
+    with caplog.at_level("WARNING", logger="difftune.search"), _Heartbeat(BusyStore(), 7, interval=0.01):
+        time.sleep(0.1)
+    assert any("heartbeat of trial id 7 not written" in r.getMessage() for r in caplog.records)
+    assert "database is locked" in caplog.text

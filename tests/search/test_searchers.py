@@ -34,6 +34,15 @@ class SearcherContract:
             _distributions(), ["minimize", "minimize"], sampler=self.sampler, seed=0, **kwargs
         )
 
+    def test_points_evaluated_elsewhere_are_taken_or_the_reason_is_returned(self):
+        searcher = self.make()
+        assert searcher.add_completed({"x": 0.5, "y": 0.0, "k": 2}, [0.5, 0.3], baseline="b") is None
+        assert len(searcher.study.trials) == 1
+        assert "k=9 is outside the searched range" in searcher.add_completed({"x": 0.5, "y": 0.0, "k": 9}, [0.5, 0.3])
+        assert "not finite" in searcher.add_completed({"x": 0.5, "y": 0.0, "k": 2}, [math.nan, 0.3])
+        assert "x=1.5 is outside" in searcher.add_completed({"x": 1.5, "y": 0.0, "k": 2}, [0.5, 0.3])
+        assert len(searcher.study.trials) == 1  # nothing else was added
+
     def test_proposals_stay_inside_the_distributions(self):
         searcher = self.make()
         for _ in range(12):

@@ -20,7 +20,7 @@ def test_interface_names_are_known() -> None:
     # INTERFACE.md's names, but weight_memory_mb (measured once quantization is searched).
     names = (
         "nfe latency_ms speedup peak_memory_mb flops_ratio psnr ssim mse lpips clip_score image_reward fid "
-        "class_accuracy sharpness"
+        "class_accuracy sharpness speedup_spread"
     )
     assert set(METRICS) == set(names.split())
 

@@ -102,3 +102,43 @@ def test_front_of_100k_trials_on_sqlite(tmp_path: Path) -> None:
         elapsed = time.perf_counter() - start
     assert 0 < len(front) < 1000
     assert elapsed <= 10.0, f"the front of 100,000 trials took {elapsed:.2f} s (target ≤ 1 s)"
+
+
+def test_a_broken_point_does_not_stay_on_the_front_for_a_speedup_within_the_noise() -> None:
+    """The issue's case: a 60-trial solver study at NFE 5 kept two broken schedules (4.24× at 4.8 dB with
+    class accuracy 0, 4.12× at 5.4 dB) on its front, 1–5 % faster than good ones (3.9–4.1×, 34–38.6 dB)."""
+    from tests.store._helpers import complete
+
+    with Store("sqlite://") as store:
+        study = make_study(store, objectives=["speedup", "psnr", "class_accuracy"])
+        # spreads as paired timing gives them on a shared 2-core CPU (half the range of 3 ratios: ~4 %)
+        rows = {
+            "broken_a": (4.24, 4.8, 0.0, 0.15),
+            "broken_b": (4.12, 5.4, 0.0, 0.15),
+            "good_a": (4.10, 34.0, 1.0, 0.15),
+            "good_b": (3.90, 38.6, 1.0, 0.15),
+            "fast_and_poor": (5.50, 3.0, 0.0, 0.15),  # faster beyond the noise: a real trade-off, kept
+            "slow_and_best": (1.50, 45.0, 1.0, 0.02),
+        }
+        ids = {}
+        for name, (speedup, psnr, accuracy, spread) in rows.items():
+            metrics = {"speedup": speedup, "psnr": psnr, "class_accuracy": accuracy, "speedup_spread": spread}
+            ids[complete(store, study.id, metrics).id] = name
+        # without the noise, both broken points are on the front (nothing is faster at their quality)
+        assert non_dominated([r[:3] for r in rows.values()], ["maximize"] * 3).all()
+        front = [ids[t.id] for t in store.pareto_front(study.id)]
+        assert front == ["fast_and_poor", "good_a", "good_b", "slow_and_best"]
+
+
+def test_the_noise_floor_applies_without_a_measured_spread() -> None:
+    from difftune.store import SPEEDUP_NOISE_FLOOR, noise_dominated
+
+    assert SPEEDUP_NOISE_FLOOR == 0.02
+    values = [[2.00, 30.0], [2.03, 20.0], [2.10, 19.0]]  # 1.5 % faster (within 2 %), 5 % faster (beyond)
+    noise = [SPEEDUP_NOISE_FLOOR * v[0] for v in values]
+    assert noise_dominated(values, ["maximize", "maximize"], 0, noise).tolist() == [False, True, False]
+    # a minimised latency column: the same rule on the other side
+    assert noise_dominated([[100.0, 30.0], [99.0, 20.0]], ["minimize", "maximize"], 0, [2.0, 2.0]).tolist() == [
+        False,
+        True,
+    ]
