@@ -6,7 +6,6 @@ import inspect
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -94,16 +93,11 @@ def make_grid(images: list[Any], columns: int, min_cell: int = 64) -> Any:
 
 def save_atomically(image: Any, out: Path) -> None:
     """Write to a temporary file beside ``out`` and rename, so a crash never leaves half a file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    suffix = out.suffix or ".png"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=suffix, dir=out.parent)
-    os.close(fd)
-    try:
-        image.save(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from difftune._atomic import atomic_write
+
+    atomic_write(
+        out, lambda tmp: image.save(tmp, format=(out.suffix.lstrip(".") or "png").upper().replace("JPG", "JPEG"))
+    )
 
 
 @app.command()

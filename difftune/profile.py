@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -207,18 +206,10 @@ class Profile:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the profile as JSON atomically (temporary file + rename): never half a file."""
-        target = Path(path)
+        from difftune._atomic import atomic_write
+
         text = self.to_json()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def load_profile(source: str | os.PathLike[str] | Mapping[str, Any]) -> Profile:

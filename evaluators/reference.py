@@ -181,15 +181,11 @@ class ReferenceCache:
         if image.dim() != 3:
             raise EvaluationError(f"a reference image must be C×H×W, got shape {tuple(image.shape)}")
         path = self.path(fingerprint, setting, sample)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        from difftune._atomic import atomic_write
+
         tensor = image.detach().to("cpu", torch.float32).contiguous()
-        try:
-            save_file({"image": tensor}, str(tmp), metadata=self._metadata(fingerprint, setting, sample))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        metadata = self._metadata(fingerprint, setting, sample)
+        return atomic_write(path, lambda tmp: save_file({"image": tensor}, str(tmp), metadata=metadata))
 
 
 def shared_weights_copy(obj: Any) -> Any:
