@@ -13,8 +13,10 @@ never falls below the clip) are run once. Spacings that only change the final no
 (``final_sigmas_type``) are not candidates: a :class:`~difftune.accel.SolverSchedule` ends where
 the pipeline's scheduler config says, so they would not be the same baseline once exported.
 
-Results are cached per process by (model fingerprint, noise schedule, method, NFE); pass
-``refresh=True`` to measure again. :func:`spacing_table` measures a whole range of NFEs and
+Results are cached per process by (model fingerprint, noise schedule, method, NFE, call); pass
+``refresh=True`` to measure again. The pipeline runs go through the evaluators (their call with
+seeded per-sample generators, and their :class:`~difftune.evaluators.Reference`, whose images are
+cached on disk), so a space never runs a pipeline its own way. :func:`spacing_table` measures a whole range of NFEs and
 methods against one reference.
 """
 
@@ -270,6 +272,19 @@ def _samples(pipe: Any, samples: int | Sequence[Any], conditioning: str) -> tupl
     return tuple(out)
 
 
+def _call(guidance: float | None, call_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    kwargs = dict(call_kwargs or {})
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    return kwargs
+
+
+def _as_samples(samples: Sequence[tuple[Any, int]]) -> list[Any]:
+    from difftune.evaluators import Sample
+
+    return [Sample(condition if isinstance(condition, str) else int(condition), seed) for condition, seed in samples]
+
+
 def _generate(
     pipe: Any,
     scheduler: Any,
@@ -278,34 +293,22 @@ def _generate(
     guidance: float | None,
     call_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
-    conditions = [c for c, _ in samples]
-    kwargs: dict[str, Any] = {
-        **dict(call_kwargs or {}),
-        "num_inference_steps": steps,
-        "output_type": "pt",
-        "generator": [torch.Generator(device="cpu").manual_seed(s) for _, s in samples],
-    }
-    if all(isinstance(c, str) for c in conditions):
-        kwargs["prompt"] = conditions
-    else:
-        kwargs["class_labels"] = [int(c) for c in conditions]
-    if guidance is not None:
-        kwargs["guidance_scale"] = guidance
+    """``samples`` drawn by ``pipe`` with ``scheduler`` swapped in (and back), through the evaluators' call."""
+    from difftune.evaluators import generate
+
     original, bar = pipe.scheduler, getattr(pipe, "_progress_bar_config", None)
     pipe.scheduler = scheduler
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     try:
-        images = pipe(**kwargs).images
+        images = generate(pipe, _as_samples(samples), {**_call(guidance, call_kwargs), "num_inference_steps": steps})
     finally:
         pipe.scheduler = original
         if bar is None:
             pipe.__dict__.pop("_progress_bar_config", None)
         else:
             pipe._progress_bar_config = bar
-    if isinstance(images, (list, tuple)):
-        images = torch.stack([torch.as_tensor(i) for i in images])
-    return images.float().cpu()
+    return images.cpu()
 
 
 def _reference(
@@ -317,12 +320,21 @@ def _reference(
     steps: int,
     call_kwargs: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
+    """The DPM-Solver++(2M) reference of ``steps`` steps: the evaluators' :class:`~difftune.evaluators.Reference`
+    on a copy of ``pipe`` (shared weights), so its images are cached on disk like every reference."""
     key = (fingerprint, _digest(config), samples, guidance, steps, _digest(dict(call_kwargs or {})))
     if key not in _REFERENCES:
+        from difftune.evaluators import Reference, ReferenceSetting, shared_weights_copy
+
         # A USFScheduler already on a tuned schedule must not lend it to the reference: build from the config alone.
         base = {k: v for k, v in config.items() if k != "schedule"}
-        scheduler = USFScheduler.from_schedule(None, base, solver_order=2, predict_x0=True, corrector=False)
-        _REFERENCES[key] = _generate(pipe, scheduler, samples, steps, guidance, call_kwargs)
+        ref_pipe = shared_weights_copy(pipe)
+        ref_pipe.scheduler = USFScheduler.from_schedule(None, base, solver_order=2, predict_x0=True, corrector=False)
+        if hasattr(ref_pipe, "set_progress_bar_config"):
+            ref_pipe.set_progress_bar_config(disable=True)
+        setting = ReferenceSetting.from_pipeline(ref_pipe, num_inference_steps=steps, **_call(guidance, call_kwargs))
+        reference = Reference(ref_pipe, setting, batch_size=len(samples))
+        _REFERENCES[key] = reference.images(_as_samples(samples))
     return _REFERENCES[key]
 
 
