@@ -5,6 +5,14 @@ component's cached output); ECAD, BAC and HarmoniCa all produce this form, and t
 static policies (FORA) decode to it. The cached value is the component module's own output, i.e.
 before the block's gating and residual add, so the residual stream stays fresh.
 
+Where a step reuses every component of a transformer block, the block's forward is not run: its
+output is rebuilt from the cached outputs and that step's gates (:mod:`difftune.accel._reused_blocks`),
+bit-identical to running it with every component hooked but without its norms, the modulation of
+the norms' outputs, or the calls into its components. A step that reuses every block chains these
+fast paths (a replayed residual of the whole stack would not be bit-identical: the gates change
+every step). UNet blocks, blocks of other classes and blocks another technique already wraps keep
+the per-component hooks.
+
 Reuse is per denoiser call of a step: a pipeline that runs the conditional and unconditional passes
 in one batch caches both halves together; one that runs them as two calls gets two caches.
 
@@ -30,6 +38,7 @@ import torch
 from difftune.accel._fields import as_int, as_str, check_keys, require
 from difftune.accel._hooks import CompositeHandle, Handle, StepTracker, wrap_forward
 from difftune.accel._registry import register_technique
+from difftune.accel._reused_blocks import FALLBACK, FastPath, Shared, fast_path_for
 from difftune.errors import ProfileError
 
 __all__ = ["POLICIES", "CacheMaskConfig", "CachePolicy", "FORAConfig", "apply_cache_schedule", "register_policy"]
@@ -40,6 +49,9 @@ def _batch_of(args: tuple, kwargs: dict) -> int:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     return -1
+
+
+_MISS = object()
 
 
 class _ComponentCache:
@@ -56,17 +68,97 @@ class _ComponentCache:
     def reset(self) -> None:
         self.store.clear()
 
-    def __call__(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        step, call = self.tracker.step, self.tracker.call
-        inside = 0 <= step < len(self.rows)
-        if inside and not self.rows[step]:
-            hit = self.store.get(call)
-            if hit is not None and hit[0] == _batch_of(args, kwargs):
+    def lookup(self, batch: int) -> Any:
+        """The output this step reuses for the current call at this batch size, or ``_MISS`` (recompute)."""
+        step = self.tracker.step
+        if 0 <= step < len(self.rows) and not self.rows[step]:
+            hit = self.store.get(self.tracker.call)
+            if hit is not None and hit[0] == batch:
                 return hit[1]
+        return _MISS
+
+    def __call__(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        batch = _batch_of(args, kwargs)
+        hit = self.lookup(batch)
+        if hit is not _MISS:
+            return hit
         out = forward(*args, **kwargs)
-        if inside and self.keep[step]:
-            self.store[call] = (_batch_of(args, kwargs), out)
+        step = self.tracker.step
+        if 0 <= step < len(self.rows) and self.keep[step]:
+            self.store[self.tracker.call] = (batch, out)
         return out
+
+
+class _ReusedBlock:
+    """Wraps one block: where the step reuses every one of its components, return what the block would
+    compute from the cached outputs (:class:`FastPath`) instead of running it.
+
+    Which steps qualify is known from the mask; whether this call does is known only from the caches
+    (a batch-size change, or a call with no cached counterpart, recomputes through the hooks). Torch
+    hooks registered on a skipped component do not fire, as its ``forward`` is never entered."""
+
+    def __init__(
+        self,
+        tracker: StepTracker,
+        fast: FastPath,
+        caches: dict[str, tuple[_ComponentCache, torch.nn.Module, Any]],
+        reused: np.ndarray,
+    ):
+        self.tracker, self.fast, self.reused = tracker, fast, reused
+        self.caches = tuple((child, *entry) for child, entry in caches.items())
+
+    def __call__(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        step = self.tracker.step
+        if 0 <= step < len(self.reused) and self.reused[step]:
+            batch = self.fast.batch(args, kwargs)
+            cached = {}
+            for child, cache, module, installed in self.caches:
+                # A component re-wrapped since (another technique outside the cache) must be entered.
+                hit = cache.lookup(batch) if module.__dict__.get("forward") is installed else _MISS
+                if hit is _MISS:
+                    break
+                cached[child] = hit
+            else:
+                out = self.fast.run(cached, args, kwargs)
+                if out is not FALLBACK:
+                    return out
+        return forward(*args, **kwargs)
+
+
+def _install(
+    tracker: StepTracker,
+    handle: CompositeHandle,
+    denoiser: torch.nn.Module,
+    info: Any,
+    rows_of: Callable[[int, int], np.ndarray],
+) -> None:
+    """Hook every component that some step reuses (``rows_of(block, slot)``: True = recompute), and
+    give each block with fully reused steps its fast path where its class has one."""
+    shared = Shared()
+    for b, block in enumerate(info.block_info):
+        caches: dict[str, tuple[_ComponentCache, torch.nn.Module, Any]] = {}
+        reused: np.ndarray | None = None  # steps where every present component of the block is reused
+        for k, paths in enumerate(block.components):
+            if not paths:
+                continue  # an inert slot: this block has no such component
+            rows = rows_of(b, k)
+            reused = ~rows if reused is None else reused & ~rows
+            if rows.all():
+                continue
+            for path in paths:
+                cache = _ComponentCache(tracker, rows)
+                tracker.add_listener(cache)
+                component = denoiser.get_submodule(path)
+                handle.add(wrap_forward(component, cache))
+                caches[path.removeprefix(block.name + ".")] = (cache, component, component.__dict__["forward"])
+        if reused is None or not reused.any():
+            continue
+        module = denoiser.get_submodule(block.name)
+        # A block already wrapped by another technique (first-block cache, Δ-DiT, SADA) must keep running
+        # its wrapper: the fast path would bypass it.
+        fast = None if "forward" in module.__dict__ else fast_path_for(module, frozenset(caches), shared)
+        if fast is not None:
+            handle.add(wrap_forward(module, _ReusedBlock(tracker, fast, caches, reused)))
 
 
 class _StepCountCheck:
@@ -183,15 +275,7 @@ def apply_cache_schedule(pipe: Any, config: CacheMaskConfig | CachePolicy, *, st
     tracker = StepTracker(denoiser, getattr(pipe, "scheduler", None))
     handle = CompositeHandle([Handle(tracker.remove)])
     tracker.add_listener(_StepCountCheck(array.shape[0], strict, "cache mask"))
-    for b, block in enumerate(info.block_info):
-        for k, paths in enumerate(block.components):
-            rows = array[:, b, k]
-            if rows.all():
-                continue
-            for path in paths:
-                cache = _ComponentCache(tracker, rows)
-                tracker.add_listener(cache)
-                handle.add(wrap_forward(denoiser.get_submodule(path), cache))
+    _install(tracker, handle, denoiser, info, lambda b, k: array[:, b, k])
     return handle
 
 
@@ -268,10 +352,5 @@ class FORAConfig(CachePolicy):
         handle = CompositeHandle([Handle(tracker.remove)])
         # The interval pattern does not depend on the step count: any num_inference_steps works.
         rows = np.arange(_MAX_STEPS) % self.interval == 0
-        for block in info.block_info:
-            for paths in block.components:
-                for path in paths:
-                    cache = _ComponentCache(tracker, rows)
-                    tracker.add_listener(cache)
-                    handle.add(wrap_forward(denoiser.get_submodule(path), cache))
+        _install(tracker, handle, denoiser, info, lambda b, k: rows)
         return handle

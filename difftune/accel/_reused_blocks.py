@@ -1,0 +1,311 @@
+"""What a transformer block computes when every one of its cached components is reused.
+
+With every component of a block reused at a step, the block's output is its input plus the cached
+component outputs, each scaled by that step's gate. The gates come from the timestep embedding, so
+they change every step and must be recomputed; the norms, the modulation of the norms' outputs and
+the components themselves are not needed. A :class:`FastPath` computes just that, with exactly the
+operations (same operands, same order) the block's own forward would apply to the cached outputs, so
+the result is bit-identical to running the block with every component hooked.
+
+One fast path per diffusers block class, registered under the class's dotted name (a subclass, which
+may compute something else, gets none and keeps the ordinary hook path). Each one mirrors the
+``forward`` of diffusers 0.42; the tests compare both paths with ``torch.equal`` for every family.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = ["FALLBACK", "FastPath", "Shared", "fast_path_for", "register_fast_path"]
+
+#: Returned by :meth:`FastPath.run` when a call uses a feature the fast path does not mirror.
+FALLBACK: Any = object()
+
+_FAST_PATHS: dict[str, type[FastPath]] = {}
+
+
+def register_fast_path(qualified_name: str) -> Callable[[type[FastPath]], type[FastPath]]:
+    """Class decorator: the fast path of the block class ``module.QualName``."""
+
+    def decorate(cls: type[FastPath]) -> type[FastPath]:
+        _FAST_PATHS[qualified_name] = cls
+        return cls
+
+    return decorate
+
+
+def _qualified(module: Any) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+_ADA_ZERO = "diffusers.models.normalization.AdaLayerNormZero"
+_ADA_ZERO_X = "diffusers.models.normalization.SD35AdaLayerNormZeroX"
+
+
+def _plain(module: Any, qualified_name: str) -> bool:
+    """``module`` is exactly that class and its forward is not wrapped, so calling pieces of it by hand
+    computes what calling it would."""
+    return _qualified(module) == qualified_name and "forward" not in module.__dict__
+
+
+class Shared:
+    """What the fast paths of one applied schedule share across blocks within a denoiser call."""
+
+    def __init__(self) -> None:
+        self._projection: tuple[Any, ...] | None = None
+
+    def timestep_projection(self, time_proj: Any, timestep: torch.Tensor) -> torch.Tensor:
+        """``time_proj(timestep)``, computed once for all blocks of a call: the sinusoidal projection is
+        parameter-free and deterministic, so every block would compute these same bits (DiT gives
+        each block its own copy of it, the priciest part of a reused block's gates after the linears)."""
+        key = (time_proj.num_channels, time_proj.flip_sin_to_cos, time_proj.downscale_freq_shift, time_proj.scale)
+        last = self._projection
+        # The model hands every block the same timestep tensor; holding it keeps its identity unique.
+        if last is not None and last[0] == key and last[1] is timestep and last[2] == timestep._version:
+            return last[3]
+        out = time_proj(timestep)
+        self._projection = (key, timestep, timestep._version, out)
+        return out
+
+
+def fast_path_for(block: torch.nn.Module, cached: frozenset[str], shared: Shared) -> FastPath | None:
+    """The fast path of ``block`` when its cached children (attribute names) are ``cached``, or ``None``.
+
+    ``None`` when the block's class has no registered fast path, when its configuration is one the
+    fast path does not mirror, or when some component its output depends on is not cached.
+    """
+    fast = _FAST_PATHS.get(_qualified(block))
+    if fast is None or not fast.supports(block) or not fast.needs(block) <= cached:
+        return None
+    return fast(block, shared)
+
+
+def _plus_gated(residual: torch.Tensor, gate: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``residual + gate * value`` exactly as the blocks compute it (the product rounded, then the sum
+    rounded), adding into the product's own fresh buffer where shape and dtype allow: a reused step is
+    mostly such elementwise passes, and each saved allocation of an activation-sized tensor counts."""
+    out = gate * value
+    if out.shape == residual.shape and out.dtype == residual.dtype:
+        return out.add_(residual)
+    return residual + out
+
+
+class _Arguments:
+    """Reads a block forward's arguments by name, whether the model passed them by position
+    (diffusers does under gradient checkpointing) or by keyword."""
+
+    def __init__(self, forward: Callable[..., Any]):
+        params = list(inspect.signature(forward).parameters.values())[1:]  # past ``self``
+        self.index = {p.name: i for i, p in enumerate(params)}
+        self.default = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+    def __call__(self, args: tuple, kwargs: dict, name: str) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        i = self.index[name]
+        return args[i] if i < len(args) else self.default.get(name)
+
+
+class FastPath:
+    """The output of one block from its components' cached outputs; subclasses mirror one block class."""
+
+    #: The block's ``forward`` parameter that carries the hidden states (the batch is read from it).
+    hidden: ClassVar[str] = "hidden_states"
+
+    def __init__(self, block: Any, shared: Shared):
+        # ``Any``: the fast paths read diffusers' block attributes (norm1, attn2, …) by name.
+        self.block: Any = block
+        self.shared = shared
+        self.arg = _Arguments(type(block).forward)
+
+    @classmethod
+    def supports(cls, block: Any) -> bool:
+        """Whether this block's configuration is one the fast path mirrors. The adaLN modules whose
+        pieces it calls by hand must be diffusers' own and unwrapped: a wrapper on them would be
+        bypassed."""
+        return True
+
+    @classmethod
+    def needs(cls, block: Any) -> frozenset[str]:
+        """The children (attribute names) whose cached outputs the block's output is made of."""
+        raise NotImplementedError
+
+    def batch(self, args: tuple, kwargs: dict) -> int:
+        return int(self.arg(args, kwargs, self.hidden).shape[0])
+
+    def run(self, cached: Mapping[str, Any], args: tuple, kwargs: dict) -> Any:
+        """The block's output for this call, or :data:`FALLBACK` (the caller then runs the block)."""
+        raise NotImplementedError
+
+
+@register_fast_path("diffusers.models.attention.BasicTransformerBlock")
+class BasicBlockFastPath(FastPath):
+    """DiT / the embedded model (``ada_norm_zero``) and PixArt (``ada_norm_single``):
+    ``x + gate_msa·attn1 (+ attn2) + gate_mlp·ff``. With ``ada_norm_zero`` the gates need the block's
+    own timestep-and-label embedding and modulation linear; with ``ada_norm_single`` they are the
+    block's scale-shift table plus the model's shared timestep modulation."""
+
+    @classmethod
+    def supports(cls, block: Any) -> bool:
+        if block.norm_type == "ada_norm_single":
+            return True
+        return block.norm_type == "ada_norm_zero" and _plain(block.norm1, _ADA_ZERO) and block.norm1.emb is not None
+
+    @classmethod
+    def needs(cls, block: Any) -> frozenset[str]:
+        return frozenset({"attn1", "ff"} | ({"attn2"} if block.attn2 is not None else set()))
+
+    def __init__(self, block: Any, shared: Shared):
+        super().__init__(block, shared)
+        emb = getattr(block.norm1, "emb", None)
+        # The timestep-and-label embedding is unrolled (to share its projection) only where it is
+        # diffusers' own, unwrapped; anything else is called as it is.
+        self.unrolled = (
+            emb is not None
+            and _plain(emb, "diffusers.models.embeddings.CombinedTimestepLabelEmbeddings")
+            and _plain(emb.time_proj, "diffusers.models.embeddings.Timesteps")
+        )
+
+    def _conditioning(self, timestep: Any, class_labels: Any, dtype: torch.dtype) -> torch.Tensor:
+        """``norm1.emb(timestep, class_labels, hidden_dtype=dtype)``, as CombinedTimestepLabelEmbeddings
+        computes it, with the timestep projection shared by the blocks of the call."""
+        emb = self.block.norm1.emb
+        if not (self.unrolled and isinstance(timestep, torch.Tensor)):
+            return emb(timestep, class_labels, hidden_dtype=dtype)
+        projection = self.shared.timestep_projection(emb.time_proj, timestep)
+        return emb.timestep_embedder(projection.to(dtype=dtype)) + emb.class_embedder(class_labels)
+
+    def run(self, cached: Mapping[str, Any], args: tuple, kwargs: dict) -> Any:
+        block, arg = self.block, self.arg
+        cross_kwargs = arg(args, kwargs, "cross_attention_kwargs")
+        # Chunked feed-forward and GLIGEN's fuser (between the two attentions) are not mirrored.
+        if block._chunk_size is not None or (cross_kwargs and cross_kwargs.get("gligen") is not None):
+            return FALLBACK
+        hidden = arg(args, kwargs, "hidden_states")
+        timestep = arg(args, kwargs, "timestep")
+        if block.norm_type == "ada_norm_zero":
+            norm1 = block.norm1
+            emb = self._conditioning(timestep, arg(args, kwargs, "class_labels"), hidden.dtype)
+            mod = norm1.linear(norm1.silu(emb)).chunk(6, dim=1)
+            gate_msa, gate_mlp = mod[2].unsqueeze(1), mod[5].unsqueeze(1)
+        else:
+            mod = (block.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)).chunk(6, dim=1)
+            gate_msa, gate_mlp = mod[2], mod[5]
+        hidden = _plus_gated(hidden, gate_msa, cached["attn1"])
+        if hidden.ndim == 4:
+            hidden = hidden.squeeze(1)
+        if block.attn2 is not None:
+            # The cross-attention output is added ungated in every norm type.
+            hidden = cached["attn2"] + hidden
+        hidden = _plus_gated(hidden, gate_mlp, cached["ff"])
+        if hidden.ndim == 4:
+            hidden = hidden.squeeze(1)
+        return hidden
+
+
+@register_fast_path("diffusers.models.transformers.transformer_flux.FluxTransformerBlock")
+class FluxDoubleFastPath(FastPath):
+    """Flux double-stream block: image ``x + gate_msa·attn + gate_mlp·ff``, text
+    ``c + c_gate_msa·attn_context + c_gate_mlp·ff_context``; gates from ``temb`` through the two
+    adaLN modulation linears."""
+
+    @classmethod
+    def supports(cls, block: Any) -> bool:
+        return all(_plain(norm, _ADA_ZERO) and norm.emb is None for norm in (block.norm1, block.norm1_context))
+
+    @classmethod
+    def needs(cls, block: Any) -> frozenset[str]:
+        return frozenset({"attn", "ff", "ff_context"})
+
+    def run(self, cached: Mapping[str, Any], args: tuple, kwargs: dict) -> Any:
+        block, arg = self.block, self.arg
+        hidden = arg(args, kwargs, "hidden_states")
+        context = arg(args, kwargs, "encoder_hidden_states")
+        temb = arg(args, kwargs, "temb")
+        mod = block.norm1.linear(block.norm1.silu(temb)).chunk(6, dim=1)
+        c_mod = block.norm1_context.linear(block.norm1_context.silu(temb)).chunk(6, dim=1)
+        attention = cached["attn"]
+        hidden = _plus_gated(hidden, mod[2].unsqueeze(1), attention[0])
+        hidden = _plus_gated(hidden, mod[5].unsqueeze(1), cached["ff"])
+        if len(attention) == 3:  # IP-Adapter's image attention, added ungated
+            hidden = hidden + attention[2]
+        context = _plus_gated(context, c_mod[2].unsqueeze(1), attention[1])
+        context = _plus_gated(context, c_mod[5].unsqueeze(1), cached["ff_context"])
+        if context.dtype == torch.float16:
+            context = context.clip(-65504, 65504)
+        return context, hidden
+
+
+@register_fast_path("diffusers.models.transformers.transformer_flux.FluxSingleTransformerBlock")
+class FluxSingleFastPath(FastPath):
+    """Flux single-stream block: ``[c; x] + gate·proj_out`` (the cached ``proj_out`` output already
+    holds the attention and MLP branches, so those two are not needed at all)."""
+
+    @classmethod
+    def supports(cls, block: Any) -> bool:
+        return _plain(block.norm, "diffusers.models.normalization.AdaLayerNormZeroSingle")
+
+    @classmethod
+    def needs(cls, block: Any) -> frozenset[str]:
+        return frozenset({"proj_out"})
+
+    def run(self, cached: Mapping[str, Any], args: tuple, kwargs: dict) -> Any:
+        block, arg = self.block, self.arg
+        context = arg(args, kwargs, "encoder_hidden_states")
+        text_len = context.shape[1]
+        hidden = torch.cat([context, arg(args, kwargs, "hidden_states")], dim=1)
+        gate = block.norm.linear(block.norm.silu(arg(args, kwargs, "temb"))).chunk(3, dim=1)[2]
+        hidden = _plus_gated(hidden, gate.unsqueeze(1), cached["proj_out"])
+        if hidden.dtype == torch.float16:
+            hidden = hidden.clip(-65504, 65504)
+        return hidden[:, :text_len], hidden[:, text_len:]
+
+
+@register_fast_path("diffusers.models.attention.JointTransformerBlock")
+class JointBlockFastPath(FastPath):
+    """SD3 / SD3.5 joint block: image ``x + gate_msa·attn (+ gate_msa2·attn2) + gate_mlp·ff``, text
+    ``c + c_gate_msa·attn_context + c_gate_mlp·ff_context`` (``None`` in the last, context-pre-only
+    block)."""
+
+    @classmethod
+    def supports(cls, block: Any) -> bool:
+        norm1 = _ADA_ZERO_X if block.use_dual_attention else _ADA_ZERO
+        if not (_plain(block.norm1, norm1) and getattr(block.norm1, "emb", None) is None):
+            return False
+        return bool(block.context_pre_only) or (
+            _plain(block.norm1_context, _ADA_ZERO) and block.norm1_context.emb is None
+        )
+
+    @classmethod
+    def needs(cls, block: Any) -> frozenset[str]:
+        names = {"attn", "ff"}
+        if block.use_dual_attention:
+            names.add("attn2")
+        if not block.context_pre_only:
+            names.add("ff_context")
+        return frozenset(names)
+
+    def run(self, cached: Mapping[str, Any], args: tuple, kwargs: dict) -> Any:
+        block, arg = self.block, self.arg
+        if block._chunk_size is not None:
+            return FALLBACK
+        hidden = arg(args, kwargs, "hidden_states")
+        temb = arg(args, kwargs, "temb")
+        mod = block.norm1.linear(block.norm1.silu(temb)).chunk(9 if block.use_dual_attention else 6, dim=1)
+        attention, context_attention = cached["attn"]
+        hidden = _plus_gated(hidden, mod[2].unsqueeze(1), attention)
+        if block.use_dual_attention:
+            hidden = _plus_gated(hidden, mod[8].unsqueeze(1), cached["attn2"])
+        hidden = _plus_gated(hidden, mod[5].unsqueeze(1), cached["ff"])
+        if block.context_pre_only:
+            return None, hidden
+        context = arg(args, kwargs, "encoder_hidden_states")
+        c_mod = block.norm1_context.linear(block.norm1_context.silu(temb)).chunk(6, dim=1)
+        context = _plus_gated(context, c_mod[2].unsqueeze(1), context_attention)
+        context = _plus_gated(context, c_mod[5].unsqueeze(1), cached["ff_context"])
+        return context, hidden

@@ -1,0 +1,286 @@
+"""The reused-block fast path of cache schedules: bit-identical to the per-component hooks.
+
+Every test runs a schedule twice, once as applied and once with the fast path switched off (every block
+runs with its components hooked, as before the fast path existed), and compares every denoiser output
+of the run with ``torch.equal``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import difftune
+from difftune.accel import cache as cache_module
+from difftune.accel._hooks import wrap_forward
+from difftune.accel.cache import CacheMaskConfig, FORAConfig, apply_cache_schedule
+from tests.models.tiny_pipelines import build, torch_threads
+
+STEPS = 4
+
+
+@contextmanager
+def hook_path_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Schedules applied inside run every block through its component hooks (no fast path)."""
+    with monkeypatch.context() as patch:
+        patch.setattr(cache_module, "fast_path_for", lambda *args: None)
+        yield
+
+
+def random_mask(info: Any, steps: int, seed: int) -> np.ndarray:
+    """Random bits with step 0 computing everything, step 1 reusing everything, and at every later
+    step some blocks reusing all their components next to blocks recomputing all of theirs."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random(info.mask_shape(steps)) < 0.5
+    mask[0] = True
+    mask[1] = False
+    blocks = len(info.blocks)
+    for step in range(2, steps):
+        order = rng.permutation(blocks)
+        mask[step, order[: max(1, blocks // 3)]] = False
+        mask[step, order[max(1, blocks // 3) : max(2, 2 * blocks // 3)]] = True
+    return mask
+
+
+def fully_reused_cells(info: Any, mask: np.ndarray) -> int:
+    """Component-module calls the fast path saves per denoiser call: for every (step, block) whose present
+    components are all reused, the number of component modules of that block."""
+    saved = 0
+    for b, block in enumerate(info.block_info):
+        present = [k for k, paths in enumerate(block.components) if paths]
+        modules = sum(len(block.components[k]) for k in present)
+        saved += modules * int((~mask[:, b, present]).all(axis=1).sum())
+    return saved
+
+
+@contextmanager
+def recorded(pipe: Any, info: Any) -> Iterator[dict[str, list[Any]]]:
+    """Every denoiser output of the run, and how often component modules were entered."""
+    record: dict[str, list[Any]] = {"outputs": [], "component_calls": []}
+    denoiser = getattr(pipe, info.denoiser)
+
+    def keep(module: Any, args: Any, output: Any) -> None:
+        record["outputs"].append(output[0] if isinstance(output, tuple) else output.sample)
+
+    handles = [denoiser.register_forward_hook(keep)]
+    for block in info.block_info:
+        for paths in block.components:
+            for path in paths:
+                module = denoiser.get_submodule(path)
+                handles.append(module.register_forward_pre_hook(lambda *a: record["component_calls"].append(1)))
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def assert_same_outputs(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
+    assert len(a) == len(b) and a
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        assert torch.equal(x, y), f"denoiser call {i} differs: max |Δ| = {(x - y).abs().max().item()}"
+
+
+def no_wrappers_left(pipe: Any, info: Any) -> None:
+    for module in getattr(pipe, info.denoiser).modules():
+        assert "forward" not in module.__dict__
+    assert "set_timesteps" not in pipe.scheduler.__dict__
+
+
+def compare_paths(
+    monkeypatch: pytest.MonkeyPatch, pipe: Any, info: Any, config: Any, run: Callable[[], Any]
+) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+    """Run ``config`` with the fast path and on the hook path; return both records."""
+    with recorded(pipe, info) as fast:
+        handle = apply_cache_schedule(pipe, config)
+        run()
+        handle.remove()
+    with hook_path_only(monkeypatch), recorded(pipe, info) as hooks:
+        handle = apply_cache_schedule(pipe, config)
+        run()
+        handle.remove()
+    assert_same_outputs(fast["outputs"], hooks["outputs"])
+    return fast, hooks
+
+
+def _run_embedded(pipe: Any, steps: int = 8) -> Any:
+    # guidance_scale 1.5 (the default) runs the conditional and unconditional halves as one batch
+    return pipe(
+        class_labels=[1, 4, 7],
+        num_inference_steps=steps,
+        guidance_scale=1.5,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_embedded_random_masks_are_bit_identical_to_the_hook_path(monkeypatch, embedded_pipe, seed):
+    info = difftune.describe(embedded_pipe)
+    steps = 8
+    base = _run_embedded(embedded_pipe, steps)
+    mask = random_mask(info, steps, seed)
+    config = CacheMaskConfig.from_array(info.components, mask)
+    fast, hooks = compare_paths(monkeypatch, embedded_pipe, info, config, lambda: _run_embedded(embedded_pipe, steps))
+    # The fast path really ran: fully reused blocks never entered their attention or MLP.
+    saved = fully_reused_cells(info, mask)
+    assert saved > 0
+    assert len(hooks["component_calls"]) - len(fast["component_calls"]) == saved
+    assert torch.equal(_run_embedded(embedded_pipe, steps), base)
+    no_wrappers_left(embedded_pipe, info)
+
+
+def test_fora_uses_the_fast_path_and_matches_the_hooks(monkeypatch, embedded_pipe):
+    info = difftune.describe(embedded_pipe)
+    base = _run_embedded(embedded_pipe, 6)
+
+    def run_fora() -> tuple[list[torch.Tensor], int]:
+        with recorded(embedded_pipe, info) as record:
+            handle = FORAConfig(interval=3).apply(embedded_pipe)
+            _run_embedded(embedded_pipe, 6)
+            handle.remove()
+        return record["outputs"], len(record["component_calls"])
+
+    fast, fast_calls = run_fora()
+    with hook_path_only(monkeypatch):
+        hooks, hook_calls = run_fora()
+    assert_same_outputs(fast, hooks)
+    # steps 1, 2, 4, 5 reuse every block: their components are never entered
+    assert hook_calls - fast_calls == 4 * len(info.blocks) * len(info.components)
+    assert torch.equal(_run_embedded(embedded_pipe, 6), base)
+
+
+def _sd35(seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """The tiny SD3 pipeline with an SD3.5-style transformer: a second image self-attention (``attn2``)
+    in block 0, so the dual-attention gates of the joint block's fast path are checked too."""
+    from diffusers import SD3Transformer2DModel
+
+    pipe, kwargs = build("sd3", seed)
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**{**config, "dual_attention_layers": (0,), "qk_norm": "rms_norm"}).eval()
+    pipe.register_modules(transformer=transformer)
+    return pipe, kwargs
+
+
+@pytest.mark.parametrize("family", ["dit", "pixart", "flux", "sd3", "sd3.5", "sd", "sdxl"])
+def test_tiny_pipelines_random_masks_are_bit_identical_to_the_hook_path(monkeypatch, family):
+    with torch_threads(1):
+        pipe, kwargs = _sd35() if family == "sd3.5" else build(family)
+        info = difftune.describe(pipe)
+        if family == "sd3.5":
+            assert info.block_info[0].components[0] == ("transformer_blocks.0.attn", "transformer_blocks.0.attn2")
+        kwargs["num_inference_steps"] = STEPS
+        kwargs["output_type"] = "np"
+
+        def run() -> Any:
+            return pipe(**{**kwargs, "generator": torch.Generator().manual_seed(0)}).images
+
+        with recorded(pipe, info) as plain:
+            base = run()
+        mask = random_mask(info, STEPS, seed=7)
+        fast, hooks = compare_paths(monkeypatch, pipe, info, CacheMaskConfig.from_array(info.components, mask), run)
+        calls_per_step = len(plain["outputs"]) // STEPS  # Flux's true CFG makes two denoiser calls a step
+        saved = len(hooks["component_calls"]) - len(fast["component_calls"])
+        if family in ("sd", "sdxl"):
+            assert saved == 0  # UNet blocks keep the per-component hooks
+        else:
+            assert saved == calls_per_step * fully_reused_cells(info, mask) > 0
+        np.testing.assert_array_equal(run(), base)
+        no_wrappers_left(pipe, info)
+
+
+def _dit_denoiser_calls(pipe: Any, batches: list[int]) -> list[torch.Tensor]:
+    """Call the tiny DiT's denoiser directly, one call per step with decreasing timesteps, under
+    gradient checkpointing (diffusers then passes the block arguments by position)."""
+    torch.manual_seed(0)
+    transformer = pipe.transformer
+    outputs = []
+    for step, batch in enumerate(batches):
+        x = torch.randn(batch, 4, 16, 16)
+        t = torch.full((batch,), 900.0 - 100 * step)
+        labels = torch.arange(batch) % 1000
+        outputs.append(transformer(x, timestep=t, class_labels=labels).sample)
+    return outputs
+
+
+def test_positional_block_arguments_and_batch_changes(monkeypatch):
+    with torch_threads(1):
+        pipe, _ = build("dit")
+        info = difftune.describe(pipe)
+        pipe.transformer.enable_gradient_checkpointing()
+        mask = np.zeros(info.mask_shape(4), dtype=bool)
+        mask[0] = True
+        config = CacheMaskConfig.from_array(info.components, mask)
+        # step 2 changes the batch: nothing cached matches, so it recomputes (and its output is what
+        # step 3 reuses)
+        batches = [2, 2, 3, 3]
+        results, calls = [], []
+        for patch in (False, True):
+            with torch.enable_grad(), hook_path_only(monkeypatch) if patch else nullcontext():
+                with recorded(pipe, info) as record:
+                    handle = apply_cache_schedule(pipe, config)
+                    results.append(_dit_denoiser_calls(pipe, batches))
+                    handle.remove()
+            calls.append(len(record["component_calls"]))
+        assert_same_outputs(*results)
+        # the fast path ran at steps 1 and 3 (positional arguments), not at step 2 (batch change)
+        assert calls[1] - calls[0] == 2 * len(info.blocks) * len(info.components)
+
+
+def test_a_block_wrapped_by_another_technique_keeps_running_its_wrapper(monkeypatch, embedded_pipe):
+    """The fast path would bypass an earlier wrapper of the block: such blocks keep the hook path."""
+    info = difftune.describe(embedded_pipe)
+    block = embedded_pipe.transformer.get_submodule(info.blocks[1])
+    entered: list[int] = []
+
+    def outer(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        entered.append(1)
+        return forward(*args, **kwargs)
+
+    mask = np.zeros(info.mask_shape(6), dtype=bool)
+    mask[0] = True
+    config = CacheMaskConfig.from_array(info.components, mask)
+    earlier = wrap_forward(block, outer)
+    try:
+        fast, _ = compare_paths(monkeypatch, embedded_pipe, info, config, lambda: _run_embedded(embedded_pipe, 6))
+    finally:
+        earlier.remove()
+    assert len(entered) == 2 * 6  # both runs, every step
+    # only block 1 still enters its components at the reused steps 1-5
+    assert len(fast["component_calls"]) == len(info.blocks) * 2 + 5 * 2
+
+
+def _counting(entered: list[int]) -> Callable[..., Any]:
+    def wrapper(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        entered.append(1)
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
+def test_wrappers_the_fast_path_would_bypass_keep_running(embedded_pipe):
+    """A component re-wrapped after the schedule, or an adaLN norm wrapped before it, is still entered
+    at every step: its block falls back to the hook path (the output then matches it as well)."""
+    info = difftune.describe(embedded_pipe)
+    transformer = embedded_pipe.transformer
+    mask = np.zeros(info.mask_shape(6), dtype=bool)
+    mask[0] = True
+    config = CacheMaskConfig.from_array(info.components, mask)
+    norm_calls: list[int] = []
+    norm = wrap_forward(transformer.get_submodule(f"{info.blocks[0]}.norm1"), _counting(norm_calls))
+    handle = apply_cache_schedule(embedded_pipe, config)
+    component_calls: list[int] = []
+    later = wrap_forward(transformer.get_submodule(f"{info.blocks[2]}.ff"), _counting(component_calls))
+    try:
+        _run_embedded(embedded_pipe, 6)
+    finally:
+        later.remove()
+        handle.remove()
+        norm.remove()
+    assert len(norm_calls) == 6 and len(component_calls) == 6
