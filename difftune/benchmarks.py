@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["BENCHMARKS", "Figure", "run_benchmark"]
+__all__ = ["BENCHMARKS", "Figure", "register_benchmark", "run_benchmark"]
 
 
 @dataclass(frozen=True)
@@ -233,25 +233,19 @@ def _solver_overhead(plain: Callable[..., Any], pipe: Any, run: Callable[..., An
     )
 
 
-def bench_front(**kwargs: Any) -> list[Figure]:
-    """The tuned joint front against the baselines (:func:`difftune.search._bench.bench_front`)."""
-    from difftune.search._bench import bench_front as run
-
-    return run(**kwargs)
+#: name → benchmark; ``runtime`` is here, the search's own (``front``, ``store``) register themselves from
+#: :mod:`difftune.search._bench` — the runtime package never imports the search stack.
+BENCHMARKS: dict[str, Callable[..., list[Figure]]] = {"runtime": bench_runtime}
 
 
-def bench_store(**kwargs: Any) -> list[Figure]:
-    """The searcher's and store's share of a trial, and the 100,000-trial front query."""
-    from difftune.search._bench import bench_store as run
+def register_benchmark(name: str) -> Callable[[Callable[..., list[Figure]]], Callable[..., list[Figure]]]:
+    """Decorator: make a benchmark available to :func:`run_benchmark` (and ``difftune bench``) as ``name``."""
 
-    return run(**kwargs)
+    def decorate(fn: Callable[..., list[Figure]]) -> Callable[..., list[Figure]]:
+        BENCHMARKS[name] = fn
+        return fn
 
-
-BENCHMARKS: dict[str, Callable[..., list[Figure]]] = {
-    "runtime": bench_runtime,
-    "front": bench_front,
-    "store": bench_store,
-}
+    return decorate
 
 
 def run_benchmark(name: str, **kwargs: Any) -> list[Figure]:
@@ -263,9 +257,5 @@ def run_benchmark(name: str, **kwargs: Any) -> list[Figure]:
     if name not in BENCHMARKS:
         raise DifftuneError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     fn = BENCHMARKS[name]
-    if name in ("front", "store"):
-        from difftune.search import _bench
-
-        fn = getattr(_bench, f"bench_{name}")
     accepted = inspect.signature(fn).parameters
     return fn(**{k: v for k, v in kwargs.items() if k in accepted and v is not None})

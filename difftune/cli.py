@@ -210,6 +210,7 @@ def bench(
     """Run a benchmark and print each figure as a ratio measured in the same run, against its target."""
     from rich.table import Table
 
+    import difftune.search._bench  # noqa: F401  (registers the search's benchmarks: front, store)
     from difftune.benchmarks import run_benchmark
 
     options = {"repeats": repeats, "batch": batch, "budget": budget, "samples": samples, "seed": seed}

@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from difftune.benchmarks import Figure, register_benchmark
+
 __all__ = ["HV_REFERENCE_POINT", "MATCH_DB", "MATCH_SPEEDUP", "bench_front", "bench_store", "split_points"]
 
 #: (speedup, PSNR dB): the hypervolume's reference point — no faster than the reference, 20 dB.
@@ -94,6 +96,7 @@ def _remeasure(pipe: Any, trials: Sequence[Any], *, samples: int, steps: int, re
     return out
 
 
+@register_benchmark("front")
 def bench_front(
     budget: int = 200,
     samples: int = 20,
@@ -113,7 +116,6 @@ def bench_front(
     the baseline set, their searched points the tuned set. See the module docstring.
     """
     import difftune
-    from difftune.benchmarks import Figure
     from difftune.search.runner import run_study
     from difftune.store import TrialState, get_store
 
@@ -218,10 +220,10 @@ def _name(trial: Any) -> str:
     return f"trial {trial.number}"
 
 
+@register_benchmark("store")
 def bench_store(budget: int = 16, samples: int = 20, steps: int = 20, n: int = 100_000) -> list[Any]:
     """The searcher's and the store's share of a trial's time, and the 100,000-trial front query."""
     import difftune
-    from difftune.benchmarks import Figure
     from difftune.search.runner import RunProgress, run_study
     from difftune.store._bench import bench_store_front
 

@@ -19,10 +19,13 @@ def test_serving_runtime_does_not_import_the_search_stack():
         "import sys, pkgutil, importlib, difftune\n"
         "difftune.describe; difftune.load_pipeline; difftune.apply_profile; difftune.load_profile\n"
         "import difftune.models.embedded, difftune.accel, difftune.profile\n"
+        "import difftune.benchmarks, difftune.metric_table\n"
         "for m in pkgutil.iter_modules(difftune.accel.__path__):\n"
         "    importlib.import_module('difftune.accel.' + m.name)\n"
         "difftune.accel.techniques()\n"
-        "print(' '.join(m for m in ('optuna', 'pymoo', 'sqlalchemy', 'streamlit') if m in sys.modules))"
+        "heavy = ('optuna', 'pymoo', 'sqlalchemy', 'streamlit')\n"
+        "heavy += ('difftune.search', 'difftune.store', 'difftune.dashboard')\n"
+        "print(' '.join(m for m in heavy if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
