@@ -305,8 +305,8 @@ def _front_table(study: Any, trials: list[Any], title: str | None = None, constr
     if constraints:
         title += f" · feasible points only: {' and '.join(constraints)}"
     table = Table(title=title)
-    table.add_column("trial", justify="right")
-    table.add_column("kind")
+    table.add_column("trial", justify="right", min_width=5)
+    table.add_column("kind", min_width=8, no_wrap=True)
     table.add_column("method", overflow="fold", min_width=8)
     for objective in study.objectives:
         arrow = "↑" if objective.direction == "maximize" else "↓"
@@ -511,6 +511,7 @@ def calibrate(
     where = f" --storage {storage}" if storage else ""
     console.print("Next:")
     console.print(f"  difftune fronts --study {name}{where}", highlight=False, soft_wrap=True)
+    console.print(f"  difftune dashboard{where}    # browse the front, the schedules and the images", highlight=False)
     console.print(
         f'  difftune export --study {name}{where} --select "{_select_hint(result.study, result.front)}" '
         "--out profile.json",
@@ -763,6 +764,72 @@ def export(
     for note in result.notes:
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
     console.print(f"wrote {result.path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def dashboard(
+    storage: Annotated[
+        str | None, typer.Option(help="Database URL (default: $DIFFTUNE_STORAGE or sqlite:///difftune.db).")
+    ] = None,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="The port to serve on.")] = 8501,
+    host: Annotated[
+        str,
+        typer.Option(help="The address to bind: 127.0.0.1 (this machine only) unless told otherwise; 0.0.0.0 for all."),
+    ] = "127.0.0.1",
+) -> None:
+    """Serve the Streamlit dashboard over the database: fronts, points, schedules, images, exports.
+
+    It reads the studies through difftune's store while they run (reload the page for new trials); an
+    empty or missing database gets a page saying how to run a first calibration. Ctrl-C stops it."""
+    import socket
+    import subprocess
+
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    from difftune.dashboard import streamlit_command
+    from difftune.store import ENV_VAR, mask_url
+
+    url = _storage_url(storage)
+    try:
+        make_url(url)
+    except (ArgumentError, ValueError):
+        raise DifftuneError(
+            f"--storage {mask_url(url)!r} is not a database URL; e.g. sqlite:///difftune.db or "
+            "postgresql+psycopg://user:password@host/dbname"
+        ) from None
+    try:
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            pass  # free now; Streamlit binds it next
+    except OSError as exc:
+        raise DifftuneError(
+            f"cannot serve on {host}:{port} ({exc.strerror or exc}); pass another --port or --host"
+        ) from None
+    shown = f"[{host}]" if ":" in host else host
+    console.print(
+        f"difftune dashboard: http://{shown}:{port}  (storage {mask_url(url)}; Ctrl-C stops it)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(
+            f"[yellow]warning:[/] bound to {host}: anyone who reaches this machine can open the dashboard (it has no "
+            "login) and export profiles from it",
+            highlight=False,
+            soft_wrap=True,
+        )
+    env = {**os.environ, ENV_VAR: url}  # the app opens the store the way every command does
+    server = subprocess.Popen(streamlit_command(host, port), env=env)
+    try:
+        code = server.wait()
+    except KeyboardInterrupt:  # the server got the same Ctrl-C: let it stop on its own
+        try:
+            code = server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            code = server.wait()
+    if code not in (0, -2, 130):  # -2 / 130: stopped with Ctrl-C
+        raise DifftuneError(f"the Streamlit server stopped with exit code {code} (see its messages above)")
 
 
 def _quiet_libraries() -> None:

@@ -34,7 +34,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,6 +199,7 @@ def evaluate(
     call_kwargs: Mapping[str, Any] | None = None,
     batch_size: int | None = None,
     options: Mapping[str, Any] | None = None,
+    on_images: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, float | None]:
     """Measure one setting (already applied to ``pipe`` by the caller) on ``samples``.
 
@@ -214,6 +215,8 @@ def evaluate(
             for a solver schedule with fewer steps).
         batch_size: samples per pipeline call (default: the reference's).
         options: per-metric options passed to the factories (:class:`~difftune.evaluators.metrics.MetricContext`).
+        on_images: called once with the first batch's images (N×C×H×W in [0, 1], on the pipeline's device,
+            checked finite) — to keep a few samples (the study runner's thumbnails) without a second run.
 
     Returns:
         ``{name: value}`` for every requested metric; ``peak_memory_mb`` is None off CUDA.
@@ -232,7 +235,9 @@ def evaluate(
     if size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {size}")
     try:
-        return _evaluate(pipe, samples, reference, names, latency or LatencyOptions(), dev, kwargs, size, options)
+        return _evaluate(
+            pipe, samples, reference, names, latency or LatencyOptions(), dev, kwargs, size, options, on_images
+        )
     except _OOM_ERRORS as exc:
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -257,6 +262,7 @@ def _evaluate(
     kwargs: dict[str, Any],
     batch_size: int,
     options: Mapping[str, Any] | None,
+    on_images: Callable[[torch.Tensor], None] | None = None,
 ) -> dict[str, float | None]:
     from difftune.models import adapter_for
 
@@ -280,6 +286,8 @@ def _evaluate(
             else:
                 images = generate(pipe, batch, kwargs)
             _check_images(images, "the pipeline")
+            if index == 0 and on_images is not None:
+                on_images(images)
             ref_images = reference.images(batch).to(images.device) if need_reference else None
             item = EvalBatch(images, ref_images, [s.condition for s in batch])
             for metric in bound.values():

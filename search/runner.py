@@ -100,6 +100,12 @@ DISTRIBUTION_METRICS = ("fid", "class_accuracy", "clip_score", "image_reward", "
 EXTRA_METRICS = ("nfe", "flops_ratio", "latency_ms", "speedup_spread", "ssim", "mse", "sharpness", "peak_memory_mb")
 #: Measured besides the objectives when their weights are on this machine (never downloaded).
 OPTIONAL_METRICS = ("lpips", "clip_score", "image_reward", "fid")
+#: Thumbnails kept per evaluated trial (the first samples of its first batch) and of the study's reference
+#: (the same samples, once per study), each downscaled to at most THUMBNAIL_PX pixels a side, as PNG; a
+#: study stops adding trial thumbnails once its images take THUMBNAIL_STUDY_BYTES (the dashboard shows them).
+THUMBNAILS = 4
+THUMBNAIL_PX = 128
+THUMBNAIL_STUDY_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -306,6 +312,8 @@ class _Job:
     timings: dict[str, float] = field(default_factory=lambda: {"evaluation_s": 0.0, "overhead_s": 0.0})
     failures: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: the study's reference thumbnails are known to be stored
+    reference_thumbnails: bool = False
 
 
 def _metric_context(pipe: Any, info: Any) -> Any:
@@ -513,8 +521,55 @@ def _sections(job: _Job, params: Mapping[str, Any], point: Any) -> Mapping[str, 
     return dict(point.sections) if point is not None else job.space.decode(params, job.context)
 
 
+def _png_thumbnails(images: Any, count: int = THUMBNAILS, size: int = THUMBNAIL_PX) -> list[bytes]:
+    """The first ``count`` of N×C×H×W images in [0, 1] as PNG bytes, downscaled to at most ``size`` pixels a side
+    (grey, RGB or RGBA by channel count; other shapes give none)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    if getattr(images, "ndim", 0) != 4 or images.shape[1] not in (1, 3, 4):
+        return []
+    out = []
+    for image in images[:count]:
+        array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        picture = Image.fromarray(array[0] if len(array) == 1 else np.moveaxis(array, 0, -1))
+        picture.thumbnail((size, size), Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG", optimize=True)
+        out.append(buffer.getvalue())
+    return out
+
+
+def _store_thumbnails(job: _Job, trial: Any, pngs: Sequence[bytes]) -> None:
+    """Store a complete trial's thumbnails (and, the first time, the reference's for the same samples) while the
+    study's images stay under :data:`THUMBNAIL_STUDY_BYTES`. A thumbnail is not worth a measured trial: a store
+    or image error here is logged, not raised."""
+    if not pngs:
+        return
+    store, study_id = job.store, job.study.id
+    try:
+        used = store.image_bytes(study_id)
+        if not job.reference_thumbnails:
+            if not store.get_reference_images(study_id):
+                # The evaluation has just cached these reference images on disk: no pipeline run here.
+                reference = _png_thumbnails(job.reference.images(job.samples[: len(pngs)]), len(pngs))
+                store.add_reference_images(study_id, reference)
+                used += sum(len(p) for p in reference)
+            job.reference_thumbnails = True
+        if used + sum(len(p) for p in pngs) > THUMBNAIL_STUDY_BYTES:
+            if not any(n.startswith("thumbnails stopped") for n in job.notes):
+                limit = THUMBNAIL_STUDY_BYTES // 2**20
+                job.notes.append(f"thumbnails stopped at trial {trial.number}: the study's images reached {limit} MiB")
+            return
+        store.add_images(trial.id, pngs)
+    except Exception as exc:
+        _LOG.warning("thumbnails of trial %s not stored: %s", trial.number, _reason(exc))
+
+
 def _evaluate_trial(job: _Job, trial: Any, sections_of: Callable[[], Mapping[str, Any]], label: str) -> Any:
-    """Decode/apply/evaluate one claimed trial and store it complete or failed; returns the record."""
+    """Decode/apply/evaluate one claimed trial and store it complete or failed (with thumbnails); returns the record."""
     from difftune.errors import EvaluationError
     from difftune.evaluators import evaluate
     from difftune.profile import apply_profile
@@ -522,6 +577,7 @@ def _evaluate_trial(job: _Job, trial: Any, sections_of: Callable[[], Mapping[str
     from difftune.store import TrialState
 
     config = dict(trial.config or {})
+    thumbnails: list[bytes] = []
     try:
         started = time.perf_counter()
         sections = sections_of()
@@ -541,6 +597,7 @@ def _evaluate_trial(job: _Job, trial: Any, sections_of: Callable[[], Mapping[str
                     metrics=job.names,
                     latency=job.latency,
                     call_kwargs={"num_inference_steps": profile.context.num_inference_steps},
+                    on_images=lambda images: thumbnails.extend(_png_thumbnails(images)),
                 )
             finally:
                 handle.remove()
@@ -557,7 +614,9 @@ def _evaluate_trial(job: _Job, trial: Any, sections_of: Callable[[], Mapping[str
     except BaseException as exc:  # Ctrl-C, SystemExit: the trial is interrupted and will be retried
         job.store.interrupt_trials(job.study.id, grace_period=0, trial_ids=[trial.id], reason=_reason(exc))
         raise
-    return job.store.set_trial_state(trial.id, TrialState.COMPLETE, metrics=values)
+    record = job.store.set_trial_state(trial.id, TrialState.COMPLETE, metrics=values)
+    _store_thumbnails(job, record, thumbnails)
+    return record
 
 
 def _run_trials(job: _Job, progress: Callable[[RunProgress], None] | None, max_trials: int | None = None) -> int:

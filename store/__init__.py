@@ -30,6 +30,7 @@ from difftune.store._records import (
     MetricSpec,
     ModelRecord,
     ProfileRecord,
+    ReferenceImageRecord,
     StudyRecord,
     StudyStatus,
     TrialRecord,
@@ -47,7 +48,7 @@ from difftune.store._select import (
     rank_points,
     select_point,
 )
-from difftune.store._storage import Store, get_store
+from difftune.store._storage import Store, database_exists, get_store
 
 __all__ = [
     "CALIBRATION",
@@ -70,6 +71,7 @@ __all__ = [
     "MetricSpec",
     "ModelRecord",
     "ProfileRecord",
+    "ReferenceImageRecord",
     "Selection",
     "Store",
     "StudyRecord",
@@ -77,6 +79,7 @@ __all__ = [
     "TrialRecord",
     "TrialState",
     "current_revision",
+    "database_exists",
     "default_url",
     "get_store",
     "head_revision",

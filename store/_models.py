@@ -37,6 +37,7 @@ __all__ = [
     "ImageModel",
     "ModelModel",
     "ProfileModel",
+    "ReferenceImageModel",
     "StudyModel",
     "TrialMetricModel",
     "TrialModel",
@@ -218,3 +219,16 @@ class ImageModel(Base):
     png: Mapped[bytes] = mapped_column(LargeBinary)
 
     __table_args__ = (UniqueConstraint("trial_id", "image_index"),)
+
+
+class ReferenceImageModel(Base):
+    """Sample image ``index`` of a study's reference setting (no trial draws it), as PNG bytes."""
+
+    __tablename__ = "difftune_reference_images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("difftune_studies.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column("image_index", Integer)
+    png: Mapped[bytes] = mapped_column(LargeBinary)
+
+    __table_args__ = (UniqueConstraint("study_id", "image_index"),)

@@ -36,6 +36,7 @@ __all__ = [
     "MetricSpec",
     "ModelRecord",
     "ProfileRecord",
+    "ReferenceImageRecord",
     "StudyRecord",
     "StudyStatus",
     "TrialRecord",
@@ -328,5 +329,15 @@ class ImageRecord:
     """Sample image ``index`` of a trial, as PNG bytes."""
 
     trial_id: int
+    index: int
+    png: bytes
+
+
+@dataclass(frozen=True)
+class ReferenceImageRecord:
+    """Sample image ``index`` of a study's reference setting, as PNG bytes: what its trials' image ``index`` is
+    compared with (the same prompt or label and seed)."""
+
+    study_id: int
     index: int
     png: bytes

@@ -23,10 +23,12 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, Row, delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from difftune.errors import StoreError
@@ -38,6 +40,7 @@ from difftune.store._models import (
     ImageModel,
     ModelModel,
     ProfileModel,
+    ReferenceImageModel,
     StudyModel,
     TrialMetricModel,
     TrialModel,
@@ -50,13 +53,14 @@ from difftune.store._records import (
     MetricSpec,
     ModelRecord,
     ProfileRecord,
+    ReferenceImageRecord,
     StudyRecord,
     StudyStatus,
     TrialRecord,
     TrialState,
 )
 
-__all__ = ["Store", "get_store"]
+__all__ = ["Store", "database_exists", "get_store"]
 
 StudyRef = int | str
 ObjectiveLike = MetricSpec | str | tuple[str, str]
@@ -832,10 +836,7 @@ class Store(ClaimsMixin):
 
     def add_images(self, trial_id: int, images: Sequence[bytes], *, start: int = 0) -> list[ImageRecord]:
         """Store several PNGs as indices ``start, start+1, …`` in one transaction."""
-        blobs = [bytes(b) for b in images]
-        for offset, blob in enumerate(blobs):
-            if not blob.startswith(_PNG_SIGNATURE):
-                raise StoreError(f"image {start + offset} of trial {trial_id} is not a PNG; save it with format='PNG'")
+        blobs = _pngs(images, start, f"trial {trial_id}")
         indices = list(range(start, start + len(blobs)))
         with self._session("cannot store images in", write=True) as session:
             self._trial_row(session, trial_id)
@@ -854,9 +855,91 @@ class Store(ClaimsMixin):
             rows = session.scalars(select(ImageModel).where(ImageModel.trial_id == trial_id).order_by(ImageModel.index))
             return [ImageRecord(r.trial_id, r.index, bytes(r.png)) for r in rows]
 
+    def add_reference_images(
+        self, study: StudyRef, images: Sequence[bytes], *, start: int = 0
+    ) -> list[ReferenceImageRecord]:
+        """Store PNGs of the study's reference setting as indices ``start, start+1, …`` (replacing those indices).
+
+        Index ``i`` is the reference image of the sample its trials' image ``i`` shows.
+        """
+        blobs = _pngs(images, start, f"the reference of study {study!r}")
+        indices = list(range(start, start + len(blobs)))
+        with self._session("cannot store reference images in", write=True) as session:
+            study_id = self._study_row(session, study).id
+            session.execute(
+                delete(ReferenceImageModel).where(
+                    ReferenceImageModel.study_id == study_id, ReferenceImageModel.index.in_(indices)
+                )
+            )
+            if blobs:
+                session.execute(
+                    insert(ReferenceImageModel),
+                    [{"study_id": study_id, "index": i, "png": b} for i, b in zip(indices, blobs, strict=True)],
+                )
+        return [ReferenceImageRecord(study_id, i, b) for i, b in zip(indices, blobs, strict=True)]
+
+    def get_reference_images(self, study: StudyRef) -> list[ReferenceImageRecord]:
+        """The reference setting's sample images of ``study``, by index (empty when none were stored)."""
+        with self._session("cannot read reference images from") as session:
+            study_id = self._study_row(session, study).id
+            rows = session.scalars(
+                select(ReferenceImageModel)
+                .where(ReferenceImageModel.study_id == study_id)
+                .order_by(ReferenceImageModel.index)
+            )
+            return [ReferenceImageRecord(r.study_id, r.index, bytes(r.png)) for r in rows]
+
+    def image_bytes(self, study: StudyRef) -> int:
+        """Bytes of every PNG stored for ``study``: its trials' sample images and its reference images."""
+        with self._session("cannot read images from") as session:
+            study_id = self._study_row(session, study).id
+            trials = session.scalar(
+                select(func.coalesce(func.sum(func.length(ImageModel.png)), 0))
+                .join(TrialModel, TrialModel.id == ImageModel.trial_id)
+                .where(TrialModel.study_id == study_id)
+            )
+            reference = session.scalar(
+                select(func.coalesce(func.sum(func.length(ReferenceImageModel.png)), 0)).where(
+                    ReferenceImageModel.study_id == study_id
+                )
+            )
+            return int(trials or 0) + int(reference or 0)
+
+
+def _pngs(images: Sequence[bytes], start: int, owner: str) -> list[bytes]:
+    blobs = [bytes(b) for b in images]
+    for offset, blob in enumerate(blobs):
+        if not blob.startswith(_PNG_SIGNATURE):
+            raise StoreError(f"image {start + offset} of {owner} is not a PNG; save it with format='PNG'")
+    return blobs
+
 
 def _reopen(url: str, options: dict[str, Any]) -> Store:
     return Store(url, **options)
+
+
+def database_exists(url: str | None = None) -> bool:
+    """Whether the database at ``url`` (default: ``$DIFFTUNE_STORAGE`` or ``sqlite:///difftune.db``) is there.
+
+    ``False`` only for a SQLite file that does not exist — opening it with :class:`Store` would create
+    it, which a reader (``difftune fronts``, the dashboard) should not do. In-memory SQLite and server
+    databases count as there; connecting to them tells whether they answer. A URL that does not parse
+    also counts as there, so that opening it reports the problem in :class:`Store`'s words.
+
+    >>> database_exists("sqlite:///no/such/dir/difftune.db"), database_exists("sqlite://")
+    (False, True)
+    """
+    text = url or default_url()
+    try:
+        parsed = make_url(text)
+    except (ArgumentError, ValueError):
+        return True
+    if parsed.get_backend_name() != "sqlite":
+        return True
+    database = parsed.database or ""
+    if not database or database == ":memory:" or database.startswith("file:") or parsed.query.get("mode") == "memory":
+        return True
+    return Path(database).exists()
 
 
 def get_store(storage: Store | str | None = None) -> Store:

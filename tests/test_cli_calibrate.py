@@ -82,7 +82,7 @@ def test_calibrate_prints_the_front_and_the_next_commands(calibrated, capsys):
     out = capsys.readouterr().out
     assert "Pareto front of 'tiny'" in out and "(0 new" in out
     assert "difftune fronts --study tiny" in out and "difftune export --study tiny" in out
-    assert "dashboard" not in out
+    assert "difftune dashboard --storage" in out
 
 
 def test_export_with_no_satisfying_point_names_the_closest(calibrated, tmp_path, capsys):

@@ -167,3 +167,30 @@ def test_a_heartbeat_that_cannot_be_written_is_logged_not_swallowed(caplog):
         time.sleep(0.1)
     assert any("heartbeat of trial id 7 not written" in r.getMessage() for r in caplog.records)
     assert "database is locked" in caplog.text
+
+
+def test_thumbnails_stop_at_the_study_bound_and_a_store_error_never_fails_a_trial(
+    tmp_path, embedded_pipe, monkeypatch, caplog
+):
+    import difftune.search.runner as runner
+    from difftune.store import Store
+
+    url = f"sqlite:///{tmp_path / 'd.db'}"
+    monkeypatch.setattr(runner, "THUMBNAIL_STUDY_BYTES", 1)  # the reference's thumbnails already exceed it
+    result = run_study(pipeline=embedded_pipe, budget=2, storage=url, study="b", **TINY)
+    assert result.complete == 2
+    assert [n for n in result.notes if n.startswith("thumbnails stopped at trial 0")]
+    with get_store(url) as store:
+        assert len(store.get_reference_images("b")) == 2  # stored once per study, whatever the bound
+        assert all(store.get_images(t.id) == [] for t in store.list_trials("b"))
+
+    monkeypatch.undo()
+
+    def broken(self, *args, **kwargs):
+        raise difftune.StoreError("database is locked")
+
+    monkeypatch.setattr(Store, "add_images", broken)
+    with caplog.at_level("WARNING", logger="difftune.search"):
+        result = run_study(pipeline=embedded_pipe, budget=2, storage=url, study="e", **TINY)
+    assert result.complete == 2 and result.new_failed == 0
+    assert "thumbnails of trial 0 not stored: StoreError: database is locked" in caplog.text

@@ -411,6 +411,23 @@ class StoreContract:
         with pytest.raises(StoreError, match="no trial with id"):
             store.get_images(trial.id + 100)
 
+    def test_reference_images_and_image_bytes_per_study(self, store: Store) -> None:
+        study, other = make_study(store), make_study(store, "other")
+        assert store.get_reference_images(study.id) == [] and store.image_bytes(study.id) == 0
+        pngs = [png_bytes(v, size=8) for v in (0, 128, 255)]
+        trial = store.add_trial(study.id, {})
+        store.add_images(trial.id, pngs[:2])
+        store.add_images(store.add_trial(other.id, {}).id, pngs)  # another study's images do not count
+        stored = store.add_reference_images(study.name, pngs[:2])
+        store.add_reference_images(study.id, pngs[2:], start=1)  # replaces index 1
+        assert stored[0].study_id == study.id
+        assert [(i.index, i.png) for i in store.get_reference_images(study.name)] == [(0, pngs[0]), (1, pngs[2])]
+        assert store.image_bytes(study.name) == len(pngs[0]) + len(pngs[1]) + len(pngs[0]) + len(pngs[2])
+        with pytest.raises(StoreError, match="not a PNG"):
+            store.add_reference_images(study.id, [b"GIF89a"])
+        with pytest.raises(StoreError, match="no study 'nope'"):
+            store.get_reference_images("nope")
+
     # -- processes -----------------------------------------------------------------------------
 
     def test_store_pickles_as_its_url(self, store: Store, url: str) -> None:

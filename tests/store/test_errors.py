@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from difftune.errors import DifftuneError, StoreError
-from difftune.store import Store, TrialState, current_revision, get_store, mask_url, upgrade
+from difftune.store import Store, TrialState, current_revision, database_exists, get_store, mask_url, upgrade
 from difftune.store import _storage as storage_module
 from tests.store._helpers import complete, make_study
 
@@ -77,6 +77,17 @@ def test_missing_directory(tmp_path: Path) -> None:
     message = _one_line_error(url)
     assert url in message and "directory exists" in message
     assert not (tmp_path / "no").exists()
+
+
+def test_database_exists_without_creating_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "later.db"
+    assert not database_exists(f"sqlite:///{path}") and not path.exists()
+    monkeypatch.setenv("DIFFTUNE_STORAGE", f"sqlite:///{path}")
+    assert not database_exists()
+    path.write_bytes(b"")
+    assert database_exists(f"sqlite:///{path}") and database_exists()
+    for url in ("sqlite://", "sqlite:///:memory:", "postgresql+psycopg://u:p@nowhere/db", "not a url"):
+        assert database_exists(url), url
 
 
 def test_mask_url() -> None:
