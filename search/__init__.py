@@ -4,16 +4,26 @@ Importing this package does not import optuna or pymoo; a searcher imports its l
 and :func:`run_study` when called.
 """
 
-from difftune.search._base import Proposal, Searcher, get_searcher_class, register_searcher, searchers
+from difftune.search._base import (
+    Observation,
+    Proposal,
+    Searcher,
+    get_searcher_class,
+    make_searcher,
+    register_searcher,
+    searchers,
+)
 from difftune.search.runner import RunProgress, RunResult, default_study_name, run_study
 
 __all__ = [
+    "Observation",
     "Proposal",
     "RunProgress",
     "RunResult",
     "Searcher",
     "default_study_name",
     "get_searcher_class",
+    "make_searcher",
     "register_searcher",
     "run_study",
     "searchers",

@@ -1,7 +1,8 @@
 """Optuna behind the ask/tell interface: NSGA-II (default for several objectives), TPE, GP, random.
 
 The Optuna study may live in difftune's own database (an RDB storage URL), so that several workers
-share it and optuna-dashboard can open it too.
+share it and optuna-dashboard can open it too; it then holds the study's history itself, and
+:meth:`OptunaSearcher.restore` has nothing to replay.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from difftune.errors import SpaceError
-from difftune.search._base import Proposal, Searcher, register_searcher
+from difftune.search._base import Observation, Proposal, Searcher, not_finite, register_searcher
 
 __all__ = ["OptunaSearcher", "make_sampler"]
 
@@ -57,12 +58,13 @@ def _in_range(distribution: Any, value: Any) -> bool:
     return True
 
 
-@register_searcher(*SAMPLERS)
+@register_searcher(*SAMPLERS, sampler=lambda name: name)
 class OptunaSearcher(Searcher):
     """An Optuna study driven by ask/tell.
 
     Args:
-        distributions: parameter name → ``optuna.distributions.BaseDistribution``.
+        variables: the space's :class:`~difftune.spaces.Variable` s, or a mapping of parameter name →
+            ``optuna.distributions.BaseDistribution``.
         directions: ``"minimize"`` / ``"maximize"`` per objective.
         sampler: one of ``nsga2``, ``tpe``, ``gp``, ``random``.
         seed: sampler seed.
@@ -75,7 +77,7 @@ class OptunaSearcher(Searcher):
 
     def __init__(
         self,
-        distributions: Mapping[str, Any],
+        variables: Sequence[Any] | Mapping[str, Any],
         directions: Sequence[str],
         *,
         sampler: str = "nsga2",
@@ -87,7 +89,11 @@ class OptunaSearcher(Searcher):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.distributions = dict(distributions)
+        if isinstance(variables, Mapping):
+            distributions = dict(variables)
+        else:
+            distributions = {v.name: v.to_optuna_distribution() for v in variables}
+        self.distributions = distributions
         self.directions = list(directions)
         self.sampler_name = sampler
         self.study = optuna.create_study(
@@ -103,27 +109,23 @@ class OptunaSearcher(Searcher):
         attrs = {"difftune:baseline": baseline} if baseline else None
         self.study.enqueue_trial(dict(params), user_attrs=attrs, skip_if_exists=True)
 
-    def add_completed(
+    def observe(
         self,
         params: Mapping[str, Any],
         values: Sequence[float],
-        baseline: str | None = None,
+        *,
         constraints: Mapping[str, float] | None = None,
+        label: str | None = None,
     ) -> str | None:
-        """Tell the sampler about a point evaluated outside ask/tell (a baseline, a retry).
+        """Add a point evaluated outside ask/tell to the Optuna study (a baseline, a seed, a retry).
 
         For NSGA-II the point joins generation 0, so that baselines are parents of the first children.
-        ``constraints`` are ``name → value``, feasible when ≤ 0 (as in :meth:`tell`).
-
-        Returns:
-            None when the sampler took the point, else why it could not (a non-finite value, a
-            parameter outside the searched ranges): the caller reports it.
         """
         import optuna
 
-        bad = [float(v) for v in values if not math.isfinite(float(v))]
-        if bad:
-            return f"its objective values {list(values)} are not finite"
+        reason = not_finite(values)
+        if reason:
+            return reason
         dists = {k: self.distributions[k] for k in params if k in self.distributions}
         clean = {k: params[k] for k in dists}
         for name, dist in dists.items():
@@ -138,13 +140,19 @@ class OptunaSearcher(Searcher):
                 params=clean,
                 distributions=dists,
                 values=[float(v) for v in values],
-                user_attrs={"difftune:baseline": baseline} if baseline else None,
+                user_attrs={"difftune:baseline": label} if label else None,
                 system_attrs=system_attrs or None,
             )
         )
         return None
 
-    def fail_if_running(self, number: int, reason: str) -> None:
+    def restore(self, history: Sequence[Observation]) -> list[str]:
+        """Nothing to replay when the Optuna study already holds trials (its storage is the study's database)."""
+        if self.study.trials:
+            return []
+        return super().restore(history)
+
+    def fail(self, number: int, reason: str) -> None:
         """Mark trial ``number`` failed if it is still running (its worker was killed)."""
         import optuna
 

@@ -184,12 +184,10 @@ def _objective_specs(objectives: Sequence[Any], constraints: Sequence[Any] = ())
 
 
 def _check_searcher(name: str) -> None:
+    """An unknown searcher name is bad input (the error lists the known ones)."""
     from difftune.search._base import get_searcher_class
-    from difftune.search.optuna_searcher import OptunaSearcher
 
-    cls = get_searcher_class(name)
-    if not issubclass(cls, OptunaSearcher):
-        raise SpaceError(f"searcher {name!r} is not supported by the study runner yet; use nsga2, tpe, gp or random")
+    get_searcher_class(name)
 
 
 def _reason(exc: BaseException) -> str:
@@ -424,7 +422,7 @@ def _job(
     settings: Any,
 ) -> _Job:
     from difftune.evaluators import LatencyOptions, Reference
-    from difftune.search.optuna_searcher import OptunaSearcher
+    from difftune.search._base import make_searcher
     from difftune.search.settings import device_name, device_type
     from difftune.spaces import SpaceContext
     from difftune.store import parse_constraint
@@ -443,10 +441,10 @@ def _job(
         call_kwargs={k: v for k, v in call.items() if k != "guidance_scale"},
     )
     variables = space_obj.variables(context)
-    search = OptunaSearcher(
-        {v.name: v.to_optuna_distribution() for v in variables},
+    search = make_searcher(
+        searcher_name,
+        variables,
         [s.direction for s in specs],
-        sampler=searcher_name,
         seed=seed,
         storage=store_url_for_optuna(store),
         study_name=study_rec.optuna_study_name or f"difftune:{study_rec.name}",
@@ -506,6 +504,7 @@ def _candidates(job: _Job) -> list[Any]:
             continue  # killed before the searcher filled in its point; or retried by its own key
         config["retry_of"] = config.get("retry_of", t.number)
         config.pop("optuna_number", None)
+        config.pop("searcher_number", None)
         out.append(Candidate(f"retry:{config['retry_of']}", t.params, config, kind="retry"))
     out += [
         Candidate(f"baseline:{p.name}", p.params or {}, {"baseline": p.name}, kind="baseline") for p in job.baselines
@@ -630,7 +629,7 @@ def _run_trials(job: _Job, progress: Callable[[RunProgress], None] | None, max_t
         iteration = time.perf_counter()
         evaluated = job.timings["evaluation_s"]
         if store.interrupt_trials(study_id, grace_period=STALE_AFTER_S, alive=_worker_alive):
-            _fail_dead_optuna_trials(job)  # their Optuna trials would stay RUNNING forever
+            _fail_dead_proposals(job)  # e.g. their Optuna trials would stay RUNNING forever
         claim = store.claim_trial(study_id, worker_id=job.worker, candidates=_candidates(job))
         if claim is None:
             break
@@ -642,7 +641,7 @@ def _run_trials(job: _Job, progress: Callable[[RunProgress], None] | None, max_t
         if key is None:  # a searched point
             proposal = job.search.ask()
             number, params = proposal.number, dict(proposal.params)
-            config = {"baseline": None, "optuna_number": number}
+            config = {"baseline": None, "searcher_number": number}
             trial = store.update_trial(trial.id, params=params, config=config)
             label = f"trial {trial.number}"
         elif config.get("baseline"):
@@ -671,9 +670,7 @@ def _run_trials(job: _Job, progress: Callable[[RunProgress], None] | None, max_t
         if number is not None:
             job.search.tell(number, objective_values, constraints=violations, failure=record.error)
         elif objective_values is not None and params:
-            refused = job.search.add_completed(
-                params, objective_values, baseline=config.get("baseline"), constraints=violations
-            )
+            refused = job.search.observe(params, objective_values, constraints=violations, label=label)
             if refused:  # the searcher cannot learn from it: say so rather than drop it silently
                 job.notes.append(f"{label} was evaluated but not given to the searcher: {refused}")
         ran += 1
@@ -696,14 +693,41 @@ def _run_trials(job: _Job, progress: Callable[[RunProgress], None] | None, max_t
     return ran
 
 
-def _fail_dead_optuna_trials(job: _Job) -> None:
-    """Optuna trials left running by a killed worker are told failed (their points are retried by the store)."""
+def _fail_dead_proposals(job: _Job) -> None:
+    """The proposals of trials whose worker died are failed in the searcher (their points are retried by
+    the store)."""
     from difftune.store import TrialState
 
     for t in job.store.list_trials(job.study.id, TrialState.INTERRUPTED):
-        number = (t.config or {}).get("optuna_number")
+        config = t.config or {}
+        number = config.get("searcher_number", config.get("optuna_number"))
         if number is not None:
-            job.search.fail_if_running(int(number), f"interrupted: {t.error or ''}".strip())
+            job.search.fail(int(number), f"interrupted: {t.error or ''}".strip())
+
+
+def _restore(job: _Job) -> None:
+    for reason in job.search.restore(_history(job)):
+        job.notes.append(f"not given to the searcher: {reason}")
+
+
+def _history(job: _Job) -> list[Any]:
+    """The study's finished trials as the searcher's :class:`~difftune.search.Observation` s (a resumed
+    study: a searcher without storage of its own learns them again)."""
+    from difftune.search._base import Observation
+    from difftune.store import TrialState
+
+    out = []
+    for t in job.store.list_trials(job.study.id, [TrialState.COMPLETE, TrialState.FAILED]):
+        if not t.params:
+            continue
+        values = t.values() if t.state is TrialState.COMPLETE else {}
+        if t.state is TrialState.COMPLETE and not all(s.name in values for s in job.specs):
+            continue
+        objective = [values[s.name] for s in job.specs] if values else None
+        constraints = {str(c): c.violation(values[c.metric]) for c in job.constraints if c.metric in values}
+        label = str((t.config or {}).get("baseline") or (t.config or {}).get("seed") or f"trial {t.number}")
+        out.append(Observation(t.params, objective, constraints, label))
+    return out
 
 
 def _result(job: _Job, before: int, ran: int) -> RunResult:
@@ -897,7 +921,8 @@ def run_study(
         job = _job(
             store, study_rec, pipe, space_obj, specs, searcher_name=searcher_name, seed=seed, settings=run_settings
         )
-        _fail_dead_optuna_trials(job)
+        _restore(job)
+        _fail_dead_proposals(job)
         before = store.count_budget_trials(study_rec.id)
         ran = _run_trials(job, progress)
         return _result(job, before, ran)
@@ -1011,6 +1036,7 @@ def run_worker(
         job = _job(
             store, study_rec, pipe, space_obj, specs, searcher_name=study_rec.searcher, seed=seed, settings=settings
         )
+        _restore(job)
         before = store.count_budget_trials(study_rec.id)
         ran = _run_trials(job, progress, max_trials=max_trials)
         return _result(job, before, ran)

@@ -56,7 +56,7 @@ def _states(db: Path) -> dict[str, int]:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
             rows = con.execute("SELECT state, count(*) FROM difftune_trials GROUP BY state").fetchall()
             searched = con.execute(
-                "SELECT count(*) FROM difftune_trials WHERE state = 'running' AND config LIKE '%optuna_number%'"
+                "SELECT count(*) FROM difftune_trials WHERE state = 'running' AND config LIKE '%searcher_number%'"
             ).fetchone()
     except sqlite3.Error:
         return {}  # not created yet, or locked for a moment
@@ -73,10 +73,10 @@ def _assert_consistent(store, study: str, budget: int) -> list:
     assert len(numbers) == len(set(numbers))
     done = [t.config["baseline"] for t in trials if t.config and t.config.get("baseline") and _counts(t)]
     assert len(done) == len(set(done)), f"a baseline ran twice: {sorted(done)}"
-    optuna_numbers = [
-        t.config["optuna_number"] for t in trials if t.config and t.config.get("optuna_number") is not None
+    searcher_numbers = [
+        t.config["searcher_number"] for t in trials if t.config and t.config.get("searcher_number") is not None
     ]
-    assert len(optuna_numbers) == len(set(optuna_numbers))
+    assert len(searcher_numbers) == len(set(searcher_numbers))
     return trials
 
 
@@ -142,11 +142,11 @@ def test_kill_9_mid_trial_then_rerun_resumes_and_retries_the_point(tmp_path):
         assert after.state is TrialState.INTERRUPTED, (after.state, after.error)
         assert "no longer running" in after.error
         later = [t for t in trials if t.number > killed.number]
-        assert killed.config.get("optuna_number") is not None and killed.params
+        assert killed.config.get("searcher_number") is not None and killed.params
         retries = [t for t in later if (t.config or {}).get("retry_of") == killed.number]
         assert len(retries) == 1, f"the killed trial {killed.number} ({killed.config}) was retried {len(retries)} times"
         assert dict(retries[0].params) == dict(killed.params) and retries[0].state.is_finished()
-        assert retries[0].config.get("optuna_number") is None  # evaluated outside ask/tell
+        assert retries[0].config.get("searcher_number") is None  # evaluated outside ask/tell
         assert len(trials) == 9  # 8 counted + the interrupted one
         assert store.get_study("k").status.value == "finished"
     _assert_optuna_settled(url, "k")

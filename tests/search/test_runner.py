@@ -42,7 +42,7 @@ def test_budget_is_finished_trials_and_a_rerun_resumes(tmp_path, embedded_pipe):
         assert store.get_study("s").status.value == "finished"
     baselines = [t.config["baseline"] for t in trials if t.config and t.config.get("baseline")]
     assert len(baselines) == len(set(baselines)) and "identity" in baselines
-    numbers = [t.config["optuna_number"] for t in trials if t.config.get("optuna_number") is not None]
+    numbers = [t.config["searcher_number"] for t in trials if t.config.get("searcher_number") is not None]
     assert len(numbers) == len(set(numbers))
     assert len(numbers) + len(baselines) == 9  # every trial is a baseline or a searched point
     for trial in trials:
@@ -140,7 +140,7 @@ def test_solver_and_joint_spaces_run_baselines_then_searched_points(tmp_path, em
     for trial in trials:
         profile = difftune.load_profile(trial.config["profile"])
         nfe = trial.values()["nfe"]
-        if trial.config.get("baseline") in solver_baselines or trial.config.get("optuna_number") is not None:
+        if trial.config.get("baseline") in solver_baselines or trial.config.get("searcher_number") is not None:
             # a solver schedule of 3 or 4 evaluations: the measured NFE is its length
             assert profile.solver is not None and len(profile.solver.timesteps) == nfe in (3, 4)
             assert profile.context.num_inference_steps == nfe
@@ -194,3 +194,20 @@ def test_thumbnails_stop_at_the_study_bound_and_a_store_error_never_fails_a_tria
         result = run_study(pipeline=embedded_pipe, budget=2, storage=url, study="e", **TINY)
     assert result.complete == 2 and result.new_failed == 0
     assert "thumbnails of trial 0 not stored: StoreError: database is locked" in caplog.text
+
+
+def test_a_pymoo_study_runs_through_the_same_runner_and_resumes_from_the_store(tmp_path, embedded_pipe):
+    """No runner code knows which library searches: pymoo's NSGA-II keeps no state of its own, so a
+    resumed study rebuilds it from the stored trials (and never asks to measure a stored point again)."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    first = run_study(pipeline=embedded_pipe, budget=9, storage=url, study="p", searcher="pymoo-nsga2", **TINY)
+    assert first.finished == 9 and first.study.searcher == "pymoo-nsga2"
+    second = run_study(pipeline=embedded_pipe, budget=12, storage=url, study="p", searcher="pymoo-nsga2", **TINY)
+    assert second.new_trials == 3 and not second.failed
+    with get_store(url) as store:
+        trials = store.list_trials("p")
+    searched = [t for t in trials if t.kind == "searched"]
+    assert len(searched) == 12 - 7  # after the cache space's 7 baselines
+    keys = [tuple(sorted(t.params.items())) for t in trials if t.params]
+    assert len(keys) == len(set(keys))  # memoised: no point measured twice, across the restart too
+    assert all(t.state is TrialState.COMPLETE for t in trials)
