@@ -6,7 +6,7 @@ settings back, and names its baselines (:class:`NamedPoint`). Spaces are registe
 
     >>> from difftune.spaces import SpaceContext, get_space, spaces, to_profile
     >>> spaces()
-    ('cache', 'joint', 'solver')
+    ('cache', 'ecad', 'joint', 'solver')
     >>> space = get_space("solver")
     >>> context = SpaceContext.from_pipeline(pipe, nfe_range=(3, 12))
     >>> sections = space.decode(space.default_params(context), context)
@@ -30,12 +30,14 @@ from ._spacing import (
     spacing_table,
 )
 from .cache import CacheSpace, recompute_rows
+from .ecad import EcadSpace
 from .joint import JointSpace
 from .solver import SolverSpace
 
 __all__ = [
     "METHODS",
     "CacheSpace",
+    "EcadSpace",
     "JointSpace",
     "NamedPoint",
     "Repaired",

@@ -51,7 +51,7 @@ __all__ = [
 VariableKind = Literal["int", "float", "categorical", "bool"]
 _KINDS = ("int", "float", "categorical", "bool")
 #: Searchers a space may name as its default (INTERFACE.md's ``--searcher`` values).
-SEARCHERS = ("nsga2", "tpe", "gp", "ga", "s3", "random")
+SEARCHERS = ("nsga2", "pymoo-nsga2", "pymoo", "tpe", "gp", "ga", "evo", "s3", "random")
 
 
 # --------------------------------------------------------------------------------------------

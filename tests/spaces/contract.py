@@ -101,10 +101,16 @@ class SpaceContract:
 
     def test_repair_fills_missing_and_clamps_out_of_range(self, space: Space, context: SpaceContext) -> None:
         variables = space.variables(context)
-        numeric = next(v for v in variables if v.kind in ("int", "float"))
-        repaired = space.repair({numeric.name: 1e9}, context)
-        assert repaired.params[numeric.name] == numeric.high
-        assert any(numeric.name in c for c in repaired.changes)
+        numeric = next((v for v in variables if v.kind in ("int", "float")), None)
+        if numeric is not None:
+            repaired = space.repair({numeric.name: 1e9}, context)
+            assert repaired.params[numeric.name] == numeric.high
+            assert any(numeric.name in c for c in repaired.changes)
+        else:  # a genome of booleans (ecad): a value that is no bool becomes the default
+            flag = variables[0]
+            repaired = space.repair({flag.name: "yes"}, context)
+            assert repaired.params[flag.name] == flag.default
+            assert any(flag.name in c for c in repaired.changes)
         assert set(repaired.params) == {v.name for v in variables}
         space.decode({}, context)  # everything missing still decodes
 

@@ -1,0 +1,94 @@
+"""The ``ecad`` space: ECAD's bit genome, its hand-made schedules, and a study driven by pymoo's NSGA-II."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from difftune.accel.cache import CacheMaskConfig, FORAConfig
+from difftune.errors import SpaceError
+from difftune.spaces import SpaceContext, get_space
+from difftune.spaces.ecad import bit_name, delta_dit_mask, even_mask, tgate_mask
+
+from .contract import SpaceContract
+
+STEPS = 6
+
+
+class TestEcadSpace(SpaceContract):
+    space_name = "ecad"
+
+    @classmethod
+    def make_context(cls, pipe: Any) -> SpaceContext:
+        return SpaceContext.from_pipeline(pipe, num_inference_steps=STEPS, keep_pipeline=False)
+
+
+@pytest.fixture(scope="module")
+def context(embedded_pipe) -> SpaceContext:
+    return SpaceContext.from_pipeline(embedded_pipe, num_inference_steps=STEPS, keep_pipeline=False)
+
+
+def test_the_genome_is_one_bit_per_cell_after_step_0(context):
+    space = get_space("ecad")
+    variables = space.variables(context)
+    info = context.info
+    assert len(variables) == (STEPS - 1) * len(info.blocks) * len(info.components) == 60
+    assert all(v.kind == "bool" and v.default is True for v in variables)
+    assert space.default_searcher == "pymoo-nsga2"
+    # step 0 always recomputes, whatever the bits say
+    params = {v.name: False for v in variables}
+    mask = space.decode(params, context)["cache"].array
+    assert mask[0].all() and not mask[1:].any()
+    params[bit_name(3, 2, info.components[1])] = True
+    mask = space.decode(params, context)["cache"].array
+    assert mask[3, 2, 1] and mask[1:].sum() == 1
+
+
+def test_encode_decode_round_trip_and_foreign_settings_are_refused(context):
+    space = get_space("ecad")
+    fora = FORAConfig(interval=3).to_mask(context.info, STEPS)
+    assert np.array_equal(space.decode(space.encode({"cache": fora}, context), context)["cache"].array, fora.array)
+    with pytest.raises(SpaceError, match="is not this model's"):
+        space.encode({"cache": CacheMaskConfig.from_array(context.info.components, np.ones((4, 6, 2)))}, context)
+
+
+def test_hand_made_schedules_by_hand():
+    shape = (6, 4, 2)
+    dit = delta_dit_mask(shape, boundary=2, interval=3)
+    assert dit[0].all() and dit[3].all()  # step 0 and the refresh step
+    assert not dit[1, 2:].any() and dit[1, :2].all()  # early: rear blocks cached
+    assert not dit[4, :2].any() and dit[4, 2:].all()  # late: front blocks cached
+    gate = tgate_mask(shape, ("attn1", "ff"), gate=2)
+    assert gate[:3].all() and not gate[3:, :, 0].any() and gate[3:, :, 1].all()
+    even = even_mask(shape, slot=1, interval=2)
+    assert even[:, :, 0].all() and [bool(even[s, 0, 1]) for s in range(6)] == [True, False, True, False, True, False]
+
+
+def test_the_baselines_are_points_of_the_genome(context):
+    space = get_space("ecad")
+    names = [b.name for b in space.baselines(context)]
+    assert names[:4] == ["identity", "fora_2", "fora_3", "fora_4"]
+    assert {"delta_dit_b3_2", "tgate_2", "even_attn1_2", "even_ff_2"} <= set(names)
+    for point in space.baselines(context):
+        assert point.params is not None and len(point.params) == 60
+        decoded = space.decode(point.params, context)["cache"].array
+        assert np.array_equal(decoded, point.sections["cache"].array)
+
+
+def test_an_ecad_study_seeds_pymoo_with_the_hand_made_schedules(tmp_path, embedded_pipe, one_thread):
+    from difftune.search import run_study
+    from difftune.store import get_store
+
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    tiny = {"samples": 2, "num_inference_steps": STEPS, "latency_repeats": 1}
+    result = run_study(pipeline=embedded_pipe, space="ecad", budget=14, storage=url, study="e", **tiny)
+    assert result.study.searcher == "pymoo-nsga2" and result.finished == 14 and not result.failed
+    with get_store(url) as store:
+        trials = store.list_trials("e")
+    kinds = [t.kind for t in trials]
+    baselines = len(get_space("ecad").baselines(SpaceContext.from_pipeline(embedded_pipe, num_inference_steps=STEPS)))
+    assert kinds == ["baseline"] * baselines + ["searched"] * (14 - baselines)
+    keys = {tuple(sorted(t.params.items())) for t in trials}
+    assert len(keys) == 14  # pymoo never asks to measure a hand-made schedule again
