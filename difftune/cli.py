@@ -675,7 +675,7 @@ def export(
         typer.Option(
             "--format",
             help="difftune: one profile JSON; diffusers: a directory with profile.json and the native diffusers "
-            "configs where the setting is expressible there.",
+            "configs where the setting is expressible there; ecad: ECAD's schedule JSON (cache masks only).",
         ),
     ] = "difftune",
     validate: Annotated[
@@ -830,6 +830,61 @@ def dashboard(
             code = server.wait()
     if code not in (0, -2, 130):  # -2 / 130: stopped with Ctrl-C
         raise DifftuneError(f"the Streamlit server stopped with exit code {code} (see its messages above)")
+
+
+import_app = typer.Typer(
+    help="Turn settings published in other tools' formats into difftune profiles.", no_args_is_help=True
+)
+app.add_typer(import_app, name="import")
+
+
+@import_app.command("ecad")
+def import_ecad(
+    file: Annotated[Path, typer.Argument(help="An ECAD schedule JSON (AniAggarwal/ecad's schedules/…/*.json).")],
+    model: Annotated[
+        str, typer.Option(help="The model the schedule is for: 'embedded', a pipeline directory or a cached hub id.")
+    ] = "embedded",
+    out: Annotated[Path, typer.Option(help="Where to write the difftune profile (JSON).")] = Path("profile.json"),
+) -> None:
+    """Turn an ECAD cache schedule into a difftune profile for --model (its blocks and components must match).
+
+    The profile applies with difftune.apply_profile like any other, and `difftune calibrate --space ecad`
+    studies of the same model and step count can start from it."""
+    import json
+
+    from difftune.errors import SpaceError
+    from difftune.models import describe, load_pipeline
+    from difftune.profile import ModelRef, Profile, ProfileContext
+    from difftune.spaces.ecad import from_ecad_json
+
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DifftuneError(f"no ECAD schedule at {file}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DifftuneError(f"{file} is not a readable JSON file ({exc})") from None
+    _quiet_loading()
+    info = describe(load_pipeline(model))
+    cache = from_ecad_json(data, info.components)
+    steps, blocks, _ = cache.array.shape
+    if blocks != len(info.blocks):
+        raise SpaceError(f"{file}: the schedule has {blocks} blocks, {model!r} has {len(info.blocks)}")
+    name = str(data["cache_schedule"].get("name") or file.stem)
+    profile = Profile(
+        name=f"ecad: {name}",
+        model=ModelRef(name=info.name, family=info.family, fingerprint=info.fingerprint),
+        context=ProfileContext(num_inference_steps=steps),
+        cache=cache,
+        provenance={"imported_from": str(file), "format": "ecad"},
+    )
+    written = profile.save(out)
+    reused = 1.0 - float(cache.array.mean())
+    console.print(
+        f"wrote {written}: ECAD schedule {name!r}, {steps} steps × {blocks} blocks × {list(cache.components)}, "
+        f"{reused:.0%} of the cells reused",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _quiet_libraries() -> None:

@@ -44,7 +44,7 @@ __all__ = [
     "held_out_samples",
 ]
 
-FORMATS = ("difftune", "diffusers")
+FORMATS = ("difftune", "diffusers", "ecad")
 #: How much worse a quality figure may be on held-out samples than on calibration samples before
 #: :func:`export_point` warns that the point may have overfit its calibration samples (absolute for
 #: bounded figures, relative for FID).
@@ -346,6 +346,9 @@ def _check_out(out: Path, fmt: str) -> None:
     if fmt == "difftune":
         if out.is_dir():
             raise DifftuneError(f"--out {out} is a directory; give a file path (or use --format diffusers)")
+    elif fmt == "ecad":
+        if out.is_dir():
+            raise DifftuneError(f"--out {out} is a directory; give the path of the ECAD schedule file (.json)")
     else:
         if out.exists() and not out.is_dir():
             raise DifftuneError(f"--out {out} is a file; --format diffusers writes a directory")
@@ -527,6 +530,9 @@ def export_point(
             pieces = diffusers_pieces(profile, pipe)
             written = _write_directory(out_path, profile, pieces)
             profile_path = written / PROFILE_FILE
+        elif format == "ecad":
+            written = _write_ecad(out_path, profile)
+            profile_path = written
         else:
             written = profile.save(out_path)
             profile_path = written
@@ -548,6 +554,25 @@ def export_point(
         diffusers=pieces,
         rejected=tuple(t for t in tried if t.id != point.id),
     )
+
+
+def _write_ecad(out: Path, profile: Any) -> Path:
+    """ECAD's schedule JSON of a cache-mask profile (:func:`difftune.spaces.ecad.to_ecad_json`), atomically."""
+    from difftune._atomic import atomic_write
+    from difftune.accel.cache import CacheMaskConfig
+    from difftune.spaces.ecad import to_ecad_json
+
+    cache = profile.cache
+    if not isinstance(cache, CacheMaskConfig) or profile.solver is not None:
+        what = "a solver schedule" if profile.solver is not None else f"a {type(cache).__name__}"
+        raise DifftuneError(
+            f"--format ecad writes cache masks only; this point is {what}: choose a point of a cache or ecad "
+            "study, or --format difftune"
+        )
+    data = to_ecad_json(cache, profile.name, {k: v.get("value") for k, v in profile.metrics.items()})
+    data["difftune_profile"] = profile.to_dict()
+    text = json.dumps(data, indent=2) + "\n"
+    return atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _stored_profile(point: Any, study: str) -> Any:

@@ -40,7 +40,15 @@ from difftune.errors import SpaceError
 
 from ._base import NamedPoint, Space, SpaceContext, Variable, register_space
 
-__all__ = ["EcadSpace", "bit_name", "delta_dit_mask", "even_mask", "tgate_mask"]
+__all__ = [
+    "EcadSpace",
+    "bit_name",
+    "delta_dit_mask",
+    "even_mask",
+    "from_ecad_json",
+    "tgate_mask",
+    "to_ecad_json",
+]
 
 _ATTENTION_SLOTS = ("attn", "attn1", "attn2", "attentions")
 
@@ -196,3 +204,77 @@ class EcadSpace(Space):
                     )
                 )
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# ECAD's schedule files
+# --------------------------------------------------------------------------------------------
+
+
+def to_ecad_json(cache: CacheMaskConfig, name: str, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A cache mask in ECAD's published schedule format (AniAggarwal/ecad ``schedules/…/*.json``).
+
+    ``{"cache_schedule": {"num_blocks", "num_inference_steps", "name", "attributes", "schedule":
+    {"000": {"0": {"attn1": true, …}, …}, …}}, "metrics": {…}}`` — ``true`` recomputes the component,
+    ``false`` reuses its cache, as difftune's 1 / 0. ``metrics`` are difftune's figures (under
+    ``"difftune"``), beside ECAD's own keys where known.
+    """
+    mask = cache.array
+    schedule = {
+        f"{step:03d}": {
+            str(block): {component: bool(mask[step, block, c]) for c, component in enumerate(cache.components)}
+            for block in range(mask.shape[1])
+        }
+        for step in range(mask.shape[0])
+    }
+    return {
+        "cache_schedule": {
+            "num_blocks": int(mask.shape[1]),
+            "num_inference_steps": int(mask.shape[0]),
+            "name": name,
+            "attributes": {"exported_by": "difftune", "reused_share": round(float(1.0 - mask.mean()), 6)},
+            "schedule": schedule,
+        },
+        "metrics": {"difftune": dict(metrics or {})},
+    }
+
+
+def from_ecad_json(data: Any, components: tuple[str, ...] | list[str] | None = None) -> CacheMaskConfig:
+    """The cache mask of an ECAD schedule file's contents (``json.load`` of it).
+
+    ``components`` (the model's slots, :attr:`difftune.ModelInfo.components`) order the mask's last
+    axis and must be exactly the file's; without them the file's own order is kept.
+
+    Raises:
+        SpaceError: the contents are not an ECAD schedule (the message names what is wrong).
+    """
+    body = data.get("cache_schedule") if isinstance(data, Mapping) else None
+    if not isinstance(body, Mapping) or not isinstance(body.get("schedule"), Mapping):
+        raise SpaceError("not an ECAD schedule: expected {'cache_schedule': {'schedule': {step: {block: {...}}}}}")
+    schedule = body["schedule"]
+    try:
+        steps = sorted(schedule, key=int)
+        first = schedule[steps[0]]
+        blocks = sorted(first, key=int)
+        found = list(first[blocks[0]])
+    except (ValueError, IndexError, TypeError, KeyError) as exc:
+        raise SpaceError(f"ECAD schedule: steps and blocks must be numbered keys with component maps ({exc})") from exc
+    order = list(components) if components is not None else found
+    if sorted(order) != sorted(found):
+        raise SpaceError(f"ECAD schedule: its components {found} are not this model's {list(order)}")
+    if [int(s) for s in steps] != list(range(len(steps))) or [int(b) for b in blocks] != list(range(len(blocks))):
+        raise SpaceError("ECAD schedule: steps and blocks must be numbered 0, 1, … without gaps")
+    for key, expected in (("num_inference_steps", len(steps)), ("num_blocks", len(blocks))):
+        if key in body and int(body[key]) != expected:
+            raise SpaceError(f"ECAD schedule: {key} says {body[key]} but the schedule has {expected}")
+    mask = np.ones((len(steps), len(blocks), len(order)), dtype=bool)
+    for s, step in enumerate(steps):
+        for b, block in enumerate(blocks):
+            cell = schedule[step].get(block) if isinstance(schedule[step], Mapping) else None
+            if not isinstance(cell, Mapping) or set(cell) != set(order):
+                raise SpaceError(f"ECAD schedule: step {step} block {block} does not list exactly {order}")
+            for c, component in enumerate(order):
+                if not isinstance(cell[component], bool):
+                    raise SpaceError(f"ECAD schedule: step {step} block {block} {component} is not true/false")
+                mask[s, b, c] = cell[component]
+    return CacheMaskConfig.from_array(order, mask)

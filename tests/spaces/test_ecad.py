@@ -92,3 +92,72 @@ def test_an_ecad_study_seeds_pymoo_with_the_hand_made_schedules(tmp_path, embedd
     assert kinds == ["baseline"] * baselines + ["searched"] * (14 - baselines)
     keys = {tuple(sorted(t.params.items())) for t in trials}
     assert len(keys) == 14  # pymoo never asks to measure a hand-made schedule again
+
+
+def _ecad_file(steps: int, blocks: int, components: tuple[str, ...], cached: set[tuple[int, int, str]]) -> dict:
+    """A schedule in ECAD's published layout (AniAggarwal/ecad schedules/…/*.json), written by hand."""
+    schedule = {
+        f"{s:03d}": {str(b): {c: (s, b, c) not in cached for c in components} for b in range(blocks)}
+        for s in range(steps)
+    }
+    return {
+        "cache_schedule": {
+            "num_blocks": blocks,
+            "num_inference_steps": steps,
+            "name": "hand_made",
+            "attributes": {"num_affected_blocks": 1},
+            "schedule": schedule,
+        },
+        "metrics": {"by_inference_step": {}, "total_flops": 1, "total_macs": 1},
+    }
+
+
+def test_ecad_files_read_and_write_as_masks():
+    from difftune.spaces.ecad import from_ecad_json, to_ecad_json
+
+    data = _ecad_file(4, 3, ("attn1", "ff"), {(1, 0, "ff"), (3, 2, "attn1")})
+    cache = from_ecad_json(data, ("attn1", "ff"))
+    mask = cache.array
+    assert mask.shape == (4, 3, 2) and mask.sum() == 24 - 2 and not mask[1, 0, 1] and not mask[3, 2, 0]
+    again = from_ecad_json(to_ecad_json(cache, "x"), ("attn1", "ff"))
+    assert np.array_equal(again.array, mask)
+    # the model's slot order wins over the file's
+    assert from_ecad_json(data, ("ff", "attn1")).components == ("ff", "attn1")
+    with pytest.raises(SpaceError, match=r"its components \['attn1', 'ff'\] are not this model's"):
+        from_ecad_json(data, ("attn1", "attn2", "ff"))
+    broken = _ecad_file(4, 3, ("attn1", "ff"), set())
+    broken["cache_schedule"]["num_inference_steps"] = 5
+    with pytest.raises(SpaceError, match="num_inference_steps says 5 but the schedule has 4"):
+        from_ecad_json(broken)
+    with pytest.raises(SpaceError, match="not an ECAD schedule"):
+        from_ecad_json({"schedule": {}})
+
+
+def test_import_ecad_then_export_ecad_round_trip_through_the_cli(tmp_path, embedded_pipe, capsys, one_thread):
+    import json
+
+    import difftune
+    from difftune.cli import main
+
+    source = tmp_path / "schedule.json"
+    source.write_text(json.dumps(_ecad_file(STEPS, 6, ("attn1", "ff"), {(2, b, "ff") for b in range(6)})))
+    profile_path = tmp_path / "imported.json"
+    main(["import", "ecad", str(source), "--out", str(profile_path)])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "ECAD schedule 'hand_made', 6 steps × 6 blocks" in printed and "8% of the cells reused" in printed
+    profile = difftune.load_profile(profile_path)
+    assert profile.context.num_inference_steps == STEPS and not profile.cache.array[2, :, 1].any()
+    handle = difftune.apply_profile(embedded_pipe, profile)  # a deployable profile for this model
+    handle.remove()
+
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    tiny = ["--steps", str(STEPS), "--samples", "2", "--budget", "3", "--storage", url]
+    main(["calibrate", "--space", "ecad", "--study", "e", *tiny])
+    out = tmp_path / "exported.json"
+    main(["export", "--study", "e", "--select", "fastest", "--storage", url, "--out", str(out), "--format", "ecad"])
+    data = json.loads(out.read_text())
+    from difftune.spaces.ecad import from_ecad_json
+
+    exported = from_ecad_json(data, ("attn1", "ff"))
+    assert np.array_equal(exported.array, difftune.load_profile(data["difftune_profile"]).cache.array)
+    assert data["cache_schedule"]["num_inference_steps"] == STEPS and "psnr" in data["metrics"]["difftune"]
