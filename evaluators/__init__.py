@@ -74,6 +74,7 @@ from .quality import (
 )
 from .reference import Reference, ReferenceCache, ReferenceSetting, default_cache_dir, shared_weights_copy
 from .rungs import DEFAULT_RUNGS, Rung, check_rungs, make_rungs
+from .trajectory import SIMILARITY_METRICS, component_similarity, default_trajectory_dir, pairwise_similarity
 
 __all__ = [
     "BUILTIN_PROMPTS",
@@ -86,6 +87,7 @@ __all__ = [
     "PSNR",
     "PSNR_MAX_DB",
     "SEED_RANGES",
+    "SIMILARITY_METRICS",
     "SPLITS",
     "SSIM",
     "ABResult",
@@ -115,9 +117,11 @@ __all__ = [
     "class_agreement",
     "clip_model_path",
     "clip_scores",
+    "component_similarity",
     "default_cache_dir",
     "default_inception_weights",
     "default_metrics",
+    "default_trajectory_dir",
     "evaluate",
     "feature_statistics",
     "generate",
@@ -132,6 +136,7 @@ __all__ = [
     "metric_spec",
     "metric_specs",
     "mse_per_image",
+    "pairwise_similarity",
     "peak_memory_mb",
     "psnr_per_image",
     "read_prompt_file",

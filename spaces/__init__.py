@@ -6,7 +6,7 @@ settings back, and names its baselines (:class:`NamedPoint`). Spaces are registe
 
     >>> from difftune.spaces import SpaceContext, get_space, spaces, to_profile
     >>> spaces()
-    ('cache', 'ecad', 'joint', 'solver')
+    ('bac', 'cache', 'ecad', 'joint', 'solver')
     >>> space = get_space("solver")
     >>> context = SpaceContext.from_pipeline(pipe, nfe_range=(3, 12))
     >>> sections = space.decode(space.default_params(context), context)
@@ -29,6 +29,15 @@ from ._spacing import (
     spacing_candidates,
     spacing_table,
 )
+from .bac import (
+    BACSpace,
+    adaptive_caching_schedule,
+    bac_mask,
+    bubbling_union,
+    clear_bac_cache,
+    mean_pairwise_l1,
+    schedule_value,
+)
 from .cache import CacheSpace, recompute_rows
 from .ecad import EcadSpace
 from .joint import JointSpace
@@ -36,6 +45,7 @@ from .solver import SolverSpace
 
 __all__ = [
     "METHODS",
+    "BACSpace",
     "CacheSpace",
     "EcadSpace",
     "JointSpace",
@@ -46,13 +56,19 @@ __all__ = [
     "SpaceContext",
     "SpacingChoice",
     "Variable",
+    "adaptive_caching_schedule",
+    "bac_mask",
     "baseline_schedule",
     "best_spacing",
+    "bubbling_union",
+    "clear_bac_cache",
     "clear_spacing_cache",
     "default_spacing",
     "get_space",
+    "mean_pairwise_l1",
     "recompute_rows",
     "register_space",
+    "schedule_value",
     "spaces",
     "spacing_candidates",
     "spacing_table",

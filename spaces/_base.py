@@ -262,8 +262,9 @@ class SpaceContext:
         spacings: measured best timestep spacings of the solver baselines, keyed by
             ``(method, nfe)`` (:func:`difftune.spaces.spacing_table`); missing entries are measured
             lazily on :attr:`pipeline` when there is one, else the scheduler's own spacing is used.
-        spacing_samples: how many samples a lazy spacing measurement uses, or the samples themselves
-            (a study passes its first calibration samples: the user's prompts).
+        spacing_samples: how many samples a lazy measurement uses (the solver baselines' spacings, the
+            ``bac`` space's feature trajectories), or the samples themselves (a study passes its first
+            calibration samples: the user's prompts).
         call_kwargs: the call's other kwargs (``negative_prompt``, pipeline-specific arguments such as
             ``max_sequence_length``) for lazy measurements, so they run the call the study tunes.
         pipeline: the pipeline itself, for lazy measurements only (not compared, not printed).
