@@ -363,7 +363,14 @@ def calibrate(
             "local Hugging Face cache (never downloaded)."
         ),
     ] = "embedded",
-    space: Annotated[str, typer.Option(help="Search space: cache, solver or joint.")] = "cache",
+    space: Annotated[
+        str,
+        typer.Option(
+            help="Search space: cache (structured masks), solver (USF schedules), joint (solver + cache), ecad "
+            "(ECAD's full cache genome, pymoo NSGA-II), bac (BAC's DP over feature similarity), harmonica "
+            "(a trained router, where installed)."
+        ),
+    ] = "cache",
     budget: Annotated[
         int, typer.Option(min=1, help="Finished trials the study must hold; rerunning with more resumes.")
     ] = 24,
@@ -371,7 +378,10 @@ def calibrate(
     storage: Annotated[
         str | None, typer.Option(help="Database URL (default: $DIFFTUNE_STORAGE or sqlite:///difftune.db).")
     ] = None,
-    searcher: Annotated[str | None, typer.Option(help="nsga2, tpe, gp or random (default: the space's own).")] = None,
+    searcher: Annotated[
+        str | None,
+        typer.Option(help="nsga2, tpe, gp, random (Optuna) or pymoo-nsga2 (default: the space's own)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="The searcher's seed.")] = 0,
     steps: Annotated[int, typer.Option(min=2, help="num_inference_steps of the reference setting.")] = 20,
     samples: Annotated[int, typer.Option(min=2, help="Calibration samples per trial (prompts × seeds).")] = 20,
