@@ -33,13 +33,13 @@ class Figure:
         return self.value <= float(bound) if op == "<=" else self.value >= float(bound)
 
 
-def _embedded(batch: int) -> tuple[Any, Callable[..., Any]]:
+def _embedded(batch: int, device: str = "cpu") -> tuple[Any, Callable[..., Any]]:
     from diffusers.utils import logging as diffusers_logging
 
     import difftune
 
     diffusers_logging.disable_progress_bar()
-    pipe = difftune.load_pipeline("embedded")
+    pipe = difftune.load_pipeline("embedded").to(device)
     pipe.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(batch)]
 
@@ -64,7 +64,13 @@ def _skip_mask(shape: tuple[int, int, int], fraction: float) -> np.ndarray:
 
 
 def _mask_figures(
-    label: str, plain: Callable[[], Any], tuned_pipe: Any, tuned: Callable[[], Any], steps: int, repeats: int
+    label: str,
+    plain: Callable[[], Any],
+    tuned_pipe: Any,
+    tuned: Callable[[], Any],
+    steps: int,
+    repeats: int,
+    device: str = "cpu",
 ) -> list[Figure]:
     """Cache masks skipping 25 / 50 / 75 % of the block-component FLOPs: realized ÷ FLOP-ideal speedup."""
     import difftune
@@ -80,7 +86,7 @@ def _mask_figures(
         block_share = (~mask * flops.per_component[None]).sum() / (flops.per_component.sum() * steps)
         ideal = flops.ideal_speedup(mask)
         handle = apply_cache_schedule(tuned_pipe, CacheMaskConfig.from_array(info.components, mask))
-        ab = measure_ab(plain, tuned, repeats=repeats)
+        ab = measure_ab(plain, tuned, repeats=repeats, device=device)
         handle.remove()
         # On a shared CPU the median of back-to-back ratios is the steadier estimate (see speedup_by).
         paired = ab.speedup_by("paired")
@@ -96,7 +102,7 @@ def _mask_figures(
     return figures
 
 
-def _compute_bound_dit(batch: int) -> tuple[Any, Callable[[], Any]]:
+def _compute_bound_dit(batch: int, device: str = "cpu") -> tuple[Any, Callable[[], Any]]:
     """A DiT-XL-like block stack at CPU scale (random weights: speed depends on shapes, not values) where
     the blocks' matrix products dominate, as they do for the real models on a GPU."""
     from diffusers import DDIMScheduler, DiTTransformer2DModel
@@ -114,7 +120,7 @@ def _compute_bound_dit(batch: int) -> tuple[Any, Callable[[], Any]]:
         patch_size=2,
         num_embeds_ada_norm=10,
     ).eval()
-    pipe = DigitsDiTPipeline(transformer=transformer, scheduler=DDIMScheduler())
+    pipe = DigitsDiTPipeline(transformer=transformer, scheduler=DDIMScheduler()).to(device)
     pipe.set_progress_bar_config(disable=True)
     labels = [i % 10 for i in range(batch)]
 
@@ -130,19 +136,22 @@ def _compute_bound_dit(batch: int) -> tuple[Any, Callable[[], Any]]:
     return pipe, run
 
 
-def bench_runtime(repeats: int = 7, batch: int = 16) -> list[Figure]:
+def bench_runtime(repeats: int = 7, batch: int = 16, device: str = "cpu") -> list[Figure]:
     """(a) an empty profile's overhead; (b) cache masks' realized ÷ FLOP-ideal speedup.
 
     Two copies of the embedded pipeline are loaded: one stays plain, the other carries the setting
-    under test for the whole measurement, so applying it is never timed.
+    under test for the whole measurement, so applying it is never timed. ``device`` is where the
+    pipelines run (``"cuda"`` times with CUDA events); the compute-bound DiT runs 16 images per call
+    there instead of 4, so that its matrix products, not kernel launches, dominate.
     """
     import difftune
     from difftune.evaluators.latency import measure_ab
     from difftune.profile import ModelRef, Profile, ProfileContext
 
+    torch.device(device)  # a malformed device fails here, before anything is loaded
     steps = 20
-    _, plain = _embedded(batch)
-    tuned_pipe, tuned = _embedded(batch)
+    _, plain = _embedded(batch, device)
+    tuned_pipe, tuned = _embedded(batch, device)
     info = difftune.describe(tuned_pipe)
     figures: list[Figure] = []
 
@@ -152,29 +161,38 @@ def bench_runtime(repeats: int = 7, batch: int = 16) -> list[Figure]:
         context=ProfileContext(num_inference_steps=steps),
     )
     profile_handle = difftune.apply_profile(tuned_pipe, empty)
-    ab = measure_ab(lambda: plain(steps), lambda: tuned(steps), repeats=repeats)
+    ab = measure_ab(lambda: plain(steps), lambda: tuned(steps), repeats=repeats, device=device)
     profile_handle.remove()
     figures.append(
         Figure(
             "empty profile ÷ plain pipeline latency",
             ab.ratio,
             "<= 1.03",
-            f"{ab.a.median_ms:.1f} ms vs {ab.b.median_ms:.1f} ms, batch {batch}, {steps} steps",
+            f"{ab.a.median_ms:.1f} ms vs {ab.b.median_ms:.1f} ms, batch {batch}, {steps} steps, {device}",
         )
     )
 
-    figures.append(_solver_overhead(plain, tuned_pipe, tuned, steps, repeats))
+    figures.append(_solver_overhead(plain, tuned_pipe, tuned, steps, repeats, device))
 
-    figures.append(_sada_figure(plain, tuned_pipe, tuned, repeats))
-    figures += _mask_figures("embedded", lambda: plain(steps), tuned_pipe, lambda: tuned(steps), steps, repeats)
-    _, big_plain = _compute_bound_dit(4)
-    big_pipe, big_tuned = _compute_bound_dit(4)
-    figures += _mask_figures("compute-bound DiT (width 512, 256 tokens)", big_plain, big_pipe, big_tuned, 8, repeats)
-    figures.append(_compiled_figure(batch, steps, repeats))
+    figures.append(_sada_figure(plain, tuned_pipe, tuned, repeats, device))
+    figures += _mask_figures("embedded", lambda: plain(steps), tuned_pipe, lambda: tuned(steps), steps, repeats, device)
+    dit_batch = 16 if torch.device(device).type == "cuda" else 4
+    _, big_plain = _compute_bound_dit(dit_batch, device)
+    big_pipe, big_tuned = _compute_bound_dit(dit_batch, device)
+    figures += _mask_figures(
+        f"compute-bound DiT (width 512, 256 tokens, batch {dit_batch})",
+        big_plain,
+        big_pipe,
+        big_tuned,
+        8,
+        repeats,
+        device,
+    )
+    figures.append(_compiled_figure(batch, steps, repeats, device))
     return figures
 
 
-def _compiled_figure(batch: int, steps: int, repeats: int) -> Figure:
+def _compiled_figure(batch: int, steps: int, repeats: int, device: str = "cpu") -> Figure:
     """A FORA 2 profile on the embedded denoiser compiled with inductor vs the same profile in eager mode:
     the speedup, the graphs dynamo built, and that a second run builds none (no recompilation per step)."""
     import time
@@ -184,8 +202,8 @@ def _compiled_figure(batch: int, steps: int, repeats: int) -> Figure:
     from difftune.evaluators.latency import measure_ab
     from difftune.profile import ModelRef, Profile, ProfileContext
 
-    eager_pipe, eager = _embedded(batch)
-    compiled_pipe, compiled = _embedded(batch)
+    eager_pipe, eager = _embedded(batch, device)
+    compiled_pipe, compiled = _embedded(batch, device)
     info = difftune.describe(eager_pipe)
     profile = Profile(
         name="fora-2",
@@ -204,7 +222,7 @@ def _compiled_figure(batch: int, steps: int, repeats: int) -> Figure:
         first = compiled(steps).images
         build_s = time.perf_counter() - started
         graphs = counters["stats"]["unique_graphs"]
-        ab = measure_ab(lambda: eager(steps), lambda: compiled(steps), repeats=repeats)
+        ab = measure_ab(lambda: eager(steps), lambda: compiled(steps), repeats=repeats, device=device)
         later = counters["stats"]["unique_graphs"] - graphs
         diff = float((first - eager(steps).images).abs().max())
     finally:
@@ -226,7 +244,9 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * float(np.log10(1.0 / mse))
 
 
-def _sada_figure(plain: Callable[..., Any], pipe: Any, run: Callable[..., Any], repeats: int) -> Figure:
+def _sada_figure(
+    plain: Callable[..., Any], pipe: Any, run: Callable[..., Any], repeats: int, device: str = "cpu"
+) -> Figure:
     """(d) SADA at τ = 0 (the reference's SD-2 settings) on 50 steps: speedup and PSNR vs plain."""
     from difftune.accel.sada import SADAConfig
     from difftune.evaluators.latency import measure_ab
@@ -236,7 +256,7 @@ def _sada_figure(plain: Callable[..., Any], pipe: Any, run: Callable[..., Any], 
     handle = SADAConfig(threshold=0.0).apply(pipe)
     accelerated = run(steps).images
     skipped = len(handle.stats.skipped)
-    ab = measure_ab(lambda: plain(steps), lambda: run(steps), repeats=max(3, repeats // 2))
+    ab = measure_ab(lambda: plain(steps), lambda: run(steps), repeats=max(3, repeats // 2), device=device)
     handle.remove()
     detail = (
         f"PSNR {_psnr(accelerated, reference):.1f} dB vs plain; {ab.a.median_ms:.0f} → {ab.b.median_ms:.0f} ms; "
@@ -245,7 +265,9 @@ def _sada_figure(plain: Callable[..., Any], pipe: Any, run: Callable[..., Any], 
     return Figure("SADA τ=0, 50 steps: speedup vs plain", ab.speedup, "", detail)
 
 
-def _solver_overhead(plain: Callable[..., Any], pipe: Any, run: Callable[..., Any], steps: int, repeats: int) -> Figure:
+def _solver_overhead(
+    plain: Callable[..., Any], pipe: Any, run: Callable[..., Any], steps: int, repeats: int, device: str = "cpu"
+) -> Figure:
     """(c) the USF scheduler on DPM-Solver++(2M)'s schedule vs diffusers' DPM-Solver++ itself: the
     whole pipeline's latency ratio, and the scheduler's own step time (no model) as detail."""
     from difftune.accel.solver import SolverSchedule
@@ -255,10 +277,10 @@ def _solver_overhead(plain: Callable[..., Any], pipe: Any, run: Callable[..., An
     schedule = SolverSchedule.from_scheduler(dpm, steps)
     handle = schedule.apply(pipe)
     usf = pipe.scheduler
-    ab = measure_ab(lambda: plain(steps), lambda: run(steps), repeats=repeats)
+    ab = measure_ab(lambda: plain(steps), lambda: run(steps), repeats=repeats, device=device)
     handle.remove()
 
-    sample = torch.randn(32, 1, 16, 16)
+    sample = torch.randn(32, 1, 16, 16, device=device)
     outputs = [torch.randn_like(sample) for _ in range(steps)]
 
     def loop(scheduler: Any) -> Callable[[], None]:
@@ -270,7 +292,7 @@ def _solver_overhead(plain: Callable[..., Any], pipe: Any, run: Callable[..., An
 
         return go
 
-    only = measure_ab(loop(dpm), loop(usf), repeats=max(repeats, 15))
+    only = measure_ab(loop(dpm), loop(usf), repeats=max(repeats, 15), device=device)
     per_step_us = (only.b.median_ms - only.a.median_ms) * 1000 / steps
     return Figure(
         "USF scheduler ÷ diffusers DPM-Solver++(2M), pipeline latency",

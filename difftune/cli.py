@@ -206,6 +206,12 @@ def bench(
         int | None, typer.Option(min=2, help="front / store: calibration samples per trial (20).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="front: the searcher's seed (0).")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="runtime: where the pipelines run: cuda[:N] (timed with CUDA events) or cpu; CUDA when present."
+        ),
+    ] = None,
 ) -> None:
     """Run a benchmark and print each figure as a ratio measured in the same run, against its target."""
     from rich.table import Table
@@ -214,6 +220,11 @@ def bench(
     from difftune.benchmarks import run_benchmark
 
     options = {"repeats": repeats, "batch": batch, "budget": budget, "samples": samples, "seed": seed}
+    if name == "runtime":
+        from difftune.search.settings import resolve_device
+
+        options["device"] = resolve_device(device)  # default: CUDA when present, else the CPU
+        console.print(f"device: {options['device']}")
     with console.status(f"running benchmark {name} …") as status:
 
         def on_trial(event: Any) -> None:

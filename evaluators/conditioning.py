@@ -80,11 +80,13 @@ class ClassAccuracy(Metric):
 
     def update(self, images: torch.Tensor, labels: torch.Tensor | Sequence[int]) -> None:
         labels_t = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        dtype = next(self.classifier.parameters()).dtype
+        # The committed classifier is one module per process, shared by every metric that uses it, so it
+        # may sit on another device than this metric's state (a CUDA study before a CPU one): follow it.
+        weight = next(self.classifier.parameters())
         with torch.no_grad():
-            logits = self.classifier(images.to(dtype) * 2 - 1)
+            logits = self.classifier(images.to(device=weight.device, dtype=weight.dtype) * 2 - 1)
         hits = class_agreement(logits, labels_t)
-        self.correct += hits.sum()
+        self.correct += hits.sum().to(self.correct.device)
         self.total += hits.numel()
 
     def compute(self) -> torch.Tensor:

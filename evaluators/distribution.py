@@ -67,9 +67,12 @@ class ClassifierFeatures(nn.Module):
         self.num_features = int(dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.classifier.parameters()).dtype
+        # The classifier is shared per process (see committed_classifier) and may have been moved to another
+        # device by another metric: the images follow it, the features come back on the images' device.
+        weight = next(self.classifier.parameters())
         with torch.no_grad():
-            return self.classifier.features(images.to(dtype) * 2 - 1)  # type: ignore[operator]
+            out = self.classifier.features(images.to(device=weight.device, dtype=weight.dtype) * 2 - 1)  # type: ignore[operator]
+        return out.to(images.device)
 
     def train(self, mode: bool = True) -> ClassifierFeatures:
         # torchmetrics may call .train() on the metric; the feature net must never leave eval mode.
@@ -86,12 +89,12 @@ class FeatureStatistics:
 
 
 def feature_statistics(features: nn.Module, images: torch.Tensor, batch_size: int = 512) -> FeatureStatistics:
-    """Sum and outer-product sum of ``features(images)``, batched."""
+    """Sum and outer-product sum of ``features(images)``, batched; on the CPU (cached across devices)."""
     total: torch.Tensor | None = None
     outer: torch.Tensor | None = None
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            f = features(images[start : start + batch_size]).double()
+            f = features(images[start : start + batch_size]).double().cpu()
             s, o = f.sum(0), f.t().mm(f)
             total, outer = (s, o) if total is None or outer is None else (total + s, outer + o)
     if total is None or outer is None:

@@ -115,3 +115,12 @@ def test_an_unwritable_output_is_one_line(tmp_path, capsys):
     assert exc.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: cannot write") and str(blocker) in lines[0]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("device,message", [("cuda", "no usable CUDA device"), ("gpu0", "expected cpu, cuda")])
+def test_bench_on_a_device_this_machine_lacks_is_one_line_exit_2(device, message):
+    result = run_cli("bench", "runtime", "--device", device)
+    assert result.returncode == EXIT_BAD_INPUT
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert "running benchmark" not in result.stdout  # refused before anything is loaded or timed

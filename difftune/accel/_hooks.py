@@ -111,6 +111,8 @@ class StepTracker:
         self._listeners: list[Any] = []
         self._t_index, self._t_name = self._find_timestep_argument(denoiser)
         self._scheduler = scheduler
+        self._mirror: list[float] = []
+        self._mirror_key: tuple[int, ...] | None = None
         self.handle = CompositeHandle([wrap_forward(denoiser, self._on_forward)])
         if scheduler is not None and hasattr(scheduler, "set_timesteps"):
             self.handle.add(self._wrap_set_timesteps(scheduler))
@@ -145,10 +147,40 @@ class StepTracker:
 
     def _timestep(self, args: tuple, kwargs: dict) -> float:
         if self._t_name in kwargs:
-            return _timestep_value(kwargs[self._t_name])
+            return self._value(kwargs[self._t_name])
         if self._t_index is not None and self._t_index < len(args):
-            return _timestep_value(args[self._t_index])
+            return self._value(args[self._t_index])
         return math.nan
+
+    def _value(self, value: Any) -> float:
+        """The timestep as a float, without a host↔device synchronisation where possible.
+
+        Pipelines pass ``t`` (or ``t.expand(batch)``) from ``for t in scheduler.timesteps``: a view of the
+        scheduler's timesteps tensor. On a GPU its value is then read from a CPU copy of that tensor, taken
+        once per run, by the view's offset — reading it from the GPU would stall the launch queue at every
+        denoiser call. Anything else (a scaled copy, a float) is read directly.
+        """
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu" and value.numel():
+            mirror = self._timesteps_mirror(value)
+            if mirror is not None:
+                return mirror
+        return _timestep_value(value)
+
+    def _timesteps_mirror(self, value: torch.Tensor) -> float | None:
+        timesteps = getattr(self._scheduler, "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor) or timesteps.device != value.device or timesteps.dim() != 1:
+            return None
+        same_storage = value.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr()
+        if value.dtype != timesteps.dtype or not same_storage or timesteps.stride(0) <= 0:
+            return None
+        index, rest = divmod(value.storage_offset() - timesteps.storage_offset(), timesteps.stride(0))
+        if rest or not 0 <= index < len(timesteps):
+            return None
+        key = (timesteps.untyped_storage().data_ptr(), timesteps.storage_offset(), len(timesteps), timesteps._version)
+        if self._mirror_key != key:
+            self._mirror = timesteps.detach().cpu().tolist()  # one synchronisation per run
+            self._mirror_key = key
+        return float(self._mirror[index])
 
     def _on_forward(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         t = self._timestep(args, kwargs)

@@ -284,3 +284,17 @@ def test_wrappers_the_fast_path_would_bypass_keep_running(embedded_pipe):
         handle.remove()
         norm.remove()
     assert len(norm_calls) == 6 and len(component_calls) == 6
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fast_path_is_bit_identical_to_the_hook_path_on_cuda(monkeypatch, dtype):
+    pipe = difftune.load_pipeline("embedded", device="cuda", torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    info = difftune.describe(pipe)
+    mask = random_mask(info, 8, seed=3)
+    fast, hooks = compare_paths(
+        monkeypatch, pipe, info, CacheMaskConfig.from_array(info.components, mask), lambda: _run_embedded(pipe, 8)
+    )
+    assert fast["outputs"][0].device.type == "cuda" and fast["outputs"][0].dtype == dtype
+    assert len(hooks["component_calls"]) - len(fast["component_calls"]) == fully_reused_cells(info, mask)

@@ -363,16 +363,27 @@ def test_torchao_int4_weight_only_on_cuda():
     linear = nn.Linear(256, 128).to("cuda", torch.bfloat16)
     x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
     spec = QuantSpec(4, granularity="group", group_size=64, symmetric=False)
+    with torch.no_grad():
+        exact = linear(x).float()
     handle = QuantConfig("torchao", spec).apply(linear)
     assert handle.report == {"": "torchao:int4_weight_only"}
     with torch.no_grad():
-        real = linear(x)
+        real = linear(x).float()
     handle.remove()
     handle = QuantConfig("simulated", spec).apply(linear)
     with torch.no_grad():
-        simulated = linear(x)
+        simulated = linear(x).float()
     handle.remove()
-    assert (real - simulated).float().abs().max() < 0.1 * simulated.float().abs().max()
+    with torch.no_grad():
+        assert torch.equal(linear(x).float(), exact)  # removed: the bf16 weights are back
+    # torchao's tinygemm int4 keeps its zero point in the float domain, the simulation in the integer one:
+    # the two grids differ, so each is compared with the unquantized layer, not with the other. Both are
+    # real 4-bit errors (not zero, far below the output's scale) and the kernel's is no worse.
+    real_error = (real - exact).abs().mean()
+    simulated_error = (simulated - exact).abs().mean()
+    scale = exact.abs().mean()
+    assert 0 < simulated_error < 0.1 * scale and 0 < real_error < 0.1 * scale
+    assert real_error < 1.5 * simulated_error, (float(real_error), float(simulated_error))
 
 
 # --- other families ------------------------------------------------------------------------------

@@ -49,5 +49,6 @@ def load_classifier(path: str | Path | None = None) -> DigitClassifier:
 
 def classify(classifier: DigitClassifier, images: torch.Tensor) -> torch.Tensor:
     """Predicted digits for images in [0, 1] as the pipeline's ``output_type="pt"`` returns them."""
+    weight = next(classifier.parameters())
     with torch.no_grad():
-        return classifier(images.to(next(classifier.parameters()).dtype) * 2 - 1).argmax(1)
+        return classifier(images.to(device=weight.device, dtype=weight.dtype) * 2 - 1).argmax(1)

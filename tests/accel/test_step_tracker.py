@@ -1,0 +1,71 @@
+"""StepTracker reads the timestep of each denoiser call without stalling a GPU's launch queue."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from difftune.accel._hooks import StepTracker
+
+
+class Denoiser(torch.nn.Module):
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return sample
+
+
+def test_views_of_the_schedulers_timesteps_are_read_from_a_cpu_copy():
+    scheduler = SimpleNamespace(timesteps=torch.tensor([999.0, 750.0, 500.0, 250.0, 1.0]))
+    tracker = StepTracker(Denoiser(), scheduler)
+    # t.expand(batch), as pipelines pass it: same storage, offset 3
+    assert tracker._timesteps_mirror(scheduler.timesteps[3].expand(4)) == 250.0
+    assert tracker._timesteps_mirror(scheduler.timesteps[0]) == 999.0
+    # a copy (t * 1, t.to(dtype), t / 1000) is not a view: read directly, never guessed
+    assert tracker._timesteps_mirror(scheduler.timesteps[3] * 1) is None
+    assert tracker._timesteps_mirror(scheduler.timesteps[3].to(torch.float16)) is None
+    # an in-place change of the timesteps, or a new tensor from set_timesteps, refreshes the copy
+    scheduler.timesteps[3] = 260.0
+    assert tracker._timesteps_mirror(scheduler.timesteps[3]) == 260.0
+    scheduler.timesteps = torch.tensor([900.0, 100.0])
+    assert tracker._timesteps_mirror(scheduler.timesteps[1]) == 100.0
+    # strided timesteps (every other entry of a longer tensor)
+    scheduler.timesteps = torch.arange(10.0, 0.0, -1.0)[::2]
+    assert tracker._timesteps_mirror(scheduler.timesteps[2]) == 6.0
+    tracker.remove()
+
+
+def test_steps_are_counted_the_same_way_from_the_copy():
+    scheduler = SimpleNamespace(timesteps=torch.tensor([999.0, 500.0, 1.0]))
+    tracker = StepTracker(Denoiser(), scheduler)
+
+    def from_copy(value: torch.Tensor) -> float:  # what a GPU run does (CPU tensors are read directly)
+        found = tracker._timesteps_mirror(value)
+        assert found is not None
+        return found
+
+    tracker._value = from_copy
+    seen = []
+    tracker.add_listener(SimpleNamespace(reset=lambda: None, on_call=lambda tr: seen.append((tr.step, tr.call))))
+    x = torch.zeros(2)
+    for t in scheduler.timesteps:
+        tracker.denoiser(x, t.expand(2))
+        tracker.denoiser(x, t)  # a separate unconditional pass: call 1 of the same step
+    assert seen == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    tracker.remove()
+
+
+@pytest.mark.cuda
+def test_no_host_synchronisation_per_denoiser_call_on_cuda():
+    scheduler = SimpleNamespace(timesteps=torch.tensor([999.0, 500.0, 1.0], device="cuda"))
+    tracker = StepTracker(Denoiser(), scheduler)
+    x = torch.zeros(2, device="cuda")
+    tracker.denoiser(x, scheduler.timesteps[0])  # the one copy per run
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in scheduler.timesteps[1:]:
+            tracker.denoiser(x, t.expand(2))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tracker.step == 2
+    tracker.remove()
