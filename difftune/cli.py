@@ -379,7 +379,7 @@ def calibrate(
         typer.Option(
             help="Search space: cache (structured masks), solver (USF schedules), joint (solver + cache), ecad "
             "(ECAD's full cache genome, pymoo NSGA-II), bac (BAC's DP over feature similarity), harmonica "
-            "(a trained router, where installed)."
+            "(HarmoniCa's router, trained per l1 value: ~1–2 CPU minutes each)."
         ),
     ] = "cache",
     budget: Annotated[

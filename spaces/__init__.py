@@ -6,7 +6,7 @@ settings back, and names its baselines (:class:`NamedPoint`). Spaces are registe
 
     >>> from difftune.spaces import SpaceContext, get_space, spaces, to_profile
     >>> spaces()
-    ('bac', 'cache', 'ecad', 'joint', 'solver')
+    ('bac', 'cache', 'ecad', 'harmonica', 'joint', 'solver')
     >>> space = get_space("solver")
     >>> context = SpaceContext.from_pipeline(pipe, nfe_range=(3, 12))
     >>> sections = space.decode(space.default_params(context), context)
@@ -40,6 +40,7 @@ from .bac import (
 )
 from .cache import CacheSpace, recompute_rows
 from .ecad import EcadSpace
+from .harmonica import HarmoniCaSpace
 from .joint import JointSpace
 from .solver import SolverSpace
 
@@ -48,6 +49,7 @@ __all__ = [
     "BACSpace",
     "CacheSpace",
     "EcadSpace",
+    "HarmoniCaSpace",
     "JointSpace",
     "NamedPoint",
     "Repaired",
