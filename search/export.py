@@ -410,6 +410,7 @@ def export_point(
     pipeline: Any = None,
     progress: Callable[[str], None] | None = None,
     max_candidates: int | None = None,
+    steps: int | None = None,
 ) -> ExportResult:
     """Write the profile of the Pareto point ``select`` picks from ``study``, re-measured on held-out samples.
 
@@ -430,6 +431,12 @@ def export_point(
         progress: called with a short status text at each stage.
         max_candidates: re-measure at most this many points (default: every point meeting the selection
             on calibration samples, in the order of its goal, until one meets it on held-out samples).
+        steps: export for another ``num_inference_steps`` than the study's: each candidate's cache mask is
+            resampled (:meth:`~difftune.accel.cache.CacheMaskConfig.resample`; step-count-free policies
+            such as FORA stay as they are) and re-measured at ``steps`` against the plain pipeline at
+            ``steps``, and the first that keeps ``select`` there is written — else nothing is, exit 2 with
+            the closest point. Needs ``validate``. These measurements are not stored (the study's
+            held-out figures are at its own step count).
 
     Raises:
         StoreError: unknown study; no point satisfies ``select`` on calibration samples, or none of the
@@ -438,13 +445,19 @@ def export_point(
         DifftuneError: malformed ``select`` (before the database is opened), a bad ``out``, a
             pipeline whose weights differ from the study's model, a failed held-out evaluation.
     """
-    from difftune.store import HELD_OUT, get_store, meets, no_point_error, parse_select, rank_points
+    from difftune.store import HELD_OUT, MetricRecord, get_store, meets, no_point_error, parse_select, rank_points
 
     parse_select(select)  # a malformed expression fails before the database is opened
     if format not in FORMATS:
         raise DifftuneError(f"format {format!r}: expected one of {', '.join(FORMATS)}")
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 2):
         raise DifftuneError(f"samples: expected an integer >= 2, got {samples!r}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 2):
+        raise DifftuneError(f"--steps: expected an integer >= 2, got {steps!r}")
+    if steps is not None and not validate:
+        raise DifftuneError(
+            "--steps: a point moved to another step count must be re-measured there; drop --no-validate"
+        )
     out_path = Path(out)
     _check_out(out_path, format)
 
@@ -458,6 +471,16 @@ def export_point(
         record = store.get_study(study)
         settings = _settings_of(record)
         ranked = rank_points(store.pareto_front(record.id, constraints=settings.constraints), select)
+        study_steps = int(settings.num_inference_steps)
+        transfer = steps is not None and steps != study_steps
+        if transfer:
+            assert steps is not None
+            settings = dataclasses.replace(settings, num_inference_steps=steps)
+
+        def profile_of(trial: Any) -> Any:
+            stored = _stored_profile(trial, study)
+            return transfer_profile(stored, steps) if transfer and steps is not None else stored
+
         point = ranked[0]
         reference_info = dict(record.reference or {})
 
@@ -481,10 +504,11 @@ def export_point(
                     f"re-measuring trial {candidate.number} (candidate {index + 1} of {len(ranked)}) on "
                     f"{len(chosen)} held-out samples …"
                 )
-                measured = _measure(
-                    pipe, _stored_profile(candidate, study), chosen, settings, candidate.values(), latency_repeats
-                )
-                candidate = store.record_metrics(candidate.id, measured, split=HELD_OUT, replace=True)
+                measured = _measure(pipe, profile_of(candidate), chosen, settings, candidate.values(), latency_repeats)
+                if transfer:  # figures at another step count: not the study's held-out figures
+                    candidate = dataclasses.replace(candidate, metrics=tuple(MetricRecord.collect(measured, HELD_OUT)))
+                else:
+                    candidate = store.record_metrics(candidate.id, measured, split=HELD_OUT, replace=True)
                 tried.append(candidate)
                 if meets(select, measured):
                     point, held = candidate, measured
@@ -499,8 +523,8 @@ def export_point(
                     HELD_OUT,
                     what=f" on held-out samples (tried {names}; nothing written)",
                 )
-        profile = _stored_profile(point, study)
-        calibration = point.values()
+        profile = profile_of(point)
+        calibration = store.get_trial(point.id).values() if transfer else point.values()
 
         metrics: dict[str, dict[str, Any]] = {}
         if validate:
@@ -520,6 +544,9 @@ def export_point(
         if validate:
             provenance["held_out_samples"] = len(chosen)
             provenance["held_out_seeds"] = [seeds[0], seeds[-1]] if seeds else []
+        if transfer:
+            # the held-out figures are at the new step count, the calibration ones at the study's
+            provenance["transferred"] = {"num_inference_steps": [study_steps, steps], "calibration_steps": study_steps}
         name = profile.name or f"trial {point.number}"
         profile = dataclasses.replace(profile, name=f"{record.name}: {name}", metrics=metrics, provenance=provenance)
 
@@ -554,6 +581,30 @@ def export_point(
         diffusers=pieces,
         rejected=tuple(t for t in tried if t.id != point.id),
     )
+
+
+def transfer_profile(profile: Any, steps: int) -> Any:
+    """``profile`` moved to ``steps`` inference steps: its cache mask resampled, its context updated.
+
+    Raises:
+        DifftuneError: a section tied to its step count that cannot be moved (a solver schedule is a
+            set of NFE-specific timesteps; SADA's ranges are in steps).
+    """
+    from difftune.accel.cache import CacheMaskConfig
+
+    if steps == profile.context.num_inference_steps:
+        return profile
+    tied = [name for name in ("solver", "sparsity") if getattr(profile, name, None) is not None]
+    if tied:
+        raise DifftuneError(
+            f"cannot move profile {profile.name!r} from {profile.context.num_inference_steps} to {steps} steps: its "
+            f"{' and '.join(tied)} section is tied to its step count; calibrate a study at --steps {steps} instead"
+        )
+    cache = profile.cache
+    if isinstance(cache, CacheMaskConfig):
+        cache = cache.resample(steps)
+    context = dataclasses.replace(profile.context, num_inference_steps=steps)
+    return dataclasses.replace(profile, cache=cache, context=context)
 
 
 def _write_ecad(out: Path, profile: Any) -> Path:

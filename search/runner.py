@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import logging
 import math
 import os
@@ -52,6 +54,7 @@ __all__ = [
     "RunResult",
     "default_study_name",
     "front_hypervolume",
+    "memo_key",
     "run_study",
     "run_worker",
 ]
@@ -183,6 +186,30 @@ def _objective_specs(objectives: Sequence[Any], constraints: Sequence[Any] = ())
     return specs
 
 
+def _population(searcher: str, asked: int | None, budget: int) -> int | None:
+    """The population a new study's searcher gets: ``asked``, else the searcher's budget-aware default.
+
+    Raises:
+        SpaceError: a population for a searcher that has none (TPE, GP, random).
+    """
+    import inspect
+
+    from difftune.search._base import _OPTIONS, get_searcher_class
+
+    cls = get_searcher_class(searcher)
+    sampler = _OPTIONS.get(searcher, {}).get("sampler")  # Optuna's samplers share one class: only nsga2 has one
+    if "population_size" not in inspect.signature(cls).parameters or sampler not in (None, "nsga2"):
+        if asked is not None:
+            raise SpaceError(f"--population: searcher {searcher!r} has no population (nsga2 and pymoo-nsga2 have)")
+        return None
+    if asked is not None:
+        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 2:
+            raise SpaceError(f"--population: expected an integer >= 2, got {asked!r}")
+        return asked
+    default = getattr(cls, "default_population", None)
+    return default(budget) if callable(default) else None
+
+
 def _check_searcher(name: str) -> None:
     """An unknown searcher name is bad input (the error lists the known ones)."""
     from difftune.search._base import get_searcher_class
@@ -312,6 +339,8 @@ class _Job:
     notes: list[str] = field(default_factory=list)
     #: the study's reference thumbnails are known to be stored
     reference_thumbnails: bool = False
+    #: what a trial's memo key covers beside its profile (None: memoisation off, every trial runs)
+    memo_context: dict[str, Any] | None = None
 
 
 def _metric_context(pipe: Any, info: Any) -> Any:
@@ -420,6 +449,7 @@ def _job(
     searcher_name: str,
     seed: int | None,
     settings: Any,
+    memo: bool = True,
 ) -> _Job:
     from difftune.evaluators import LatencyOptions, Reference
     from difftune.search._base import make_searcher
@@ -448,10 +478,12 @@ def _job(
         seed=seed,
         storage=store_url_for_optuna(store),
         study_name=study_rec.optuna_study_name or f"difftune:{study_rec.name}",
+        **({"population_size": settings.population} if settings.population is not None else {}),
     )
     worker = f"{socket.gethostname()}:{os.getpid()}:{_TOKEN}"
     device = str(getattr(pipe, "device", "cpu"))
     statistic = "median" if device_type(device) == "cuda" else "paired"
+    latency = LatencyOptions(warmup=1, repeats=settings.latency_repeats, statistic=statistic)
     return _Job(
         store=store,
         study=study_rec,
@@ -466,7 +498,7 @@ def _job(
         seeds=space_obj.seeds(context),
         # On a CPU (often shared with other work) speedup is the median ratio of back-to-back runs of
         # the reference and the trial; on a GPU the ratio of medians (CUDA events, after a warm-up).
-        latency=LatencyOptions(warmup=1, repeats=settings.latency_repeats, statistic=statistic),
+        latency=latency,
         reference=Reference.from_pipeline(
             pipe, num_inference_steps=settings.num_inference_steps, batch_size=settings.images_per_call(), **call
         ),
@@ -480,6 +512,7 @@ def _job(
         },
         worker=worker,
         constraints=tuple(parse_constraint(c) for c in settings.constraints),
+        memo_context=_memo_context(settings, context, device, latency) if memo else None,
     )
 
 
@@ -567,6 +600,52 @@ def _store_thumbnails(job: _Job, trial: Any, pngs: Sequence[bytes]) -> None:
         _LOG.warning("thumbnails of trial %s not stored: %s", trial.number, _reason(exc))
 
 
+def memo_key(profile: Mapping[str, Any], context: Mapping[str, Any]) -> str:
+    """The hash of what a trial measures: its profile (without name, figures and provenance) in ``context``."""
+    applied = {k: v for k, v in profile.items() if k not in ("name", "metrics", "provenance")}
+    text = json.dumps({"profile": applied, "context": context}, sort_keys=True, default=repr, ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _memo_context(settings: Any, context: Any, device: str, latency: Any) -> dict[str, Any]:
+    """Everything beside the profile that a measurement depends on: the model's weights, the device kind, the
+    study's call and calibration samples, the metrics, how latency is timed, and the libraries' versions."""
+    from difftune.search.settings import device_name, device_type
+
+    stored = {k: v for k, v in settings.to_dict().items() if k not in ("device", "population", "not_measured")}
+    return {
+        "fingerprint": context.info.fingerprint,
+        "device": [device_type(device), device_name(device)],
+        "settings": stored,
+        "latency": [latency.warmup, latency.repeats, latency.statistic],
+        "versions": _versions(),
+    }
+
+
+def _memoised(job: _Job, trial: Any, config: dict[str, Any], key: str) -> Any:
+    """Complete ``trial`` with the figures of an earlier trial that measured the same thing, or return None."""
+    from difftune.store import TrialState
+
+    hit = job.store.find_memo(key)
+    if hit is None or hit.id == trial.id:
+        return None
+    values = hit.values()
+    needed = {s.name for s in job.specs} | {c.metric for c in job.constraints}
+    if not needed <= set(values):
+        return None
+    config["memo_of"] = {"study_id": hit.study_id, "trial": hit.number}
+    job.store.update_trial(trial.id, config=config)
+    copied = {name: values[name] for name in job.names if name in values}
+    record = job.store.set_trial_state(trial.id, TrialState.COMPLETE, metrics=copied, memo_key=key)
+    try:
+        pngs = [image.png for image in job.store.get_images(hit.id)]
+    except Exception as exc:  # a thumbnail is not worth a trial
+        _LOG.warning("thumbnails of trial %s not copied: %s", trial.number, _reason(exc))
+        pngs = []
+    _store_thumbnails(job, record, pngs)
+    return record
+
+
 def _evaluate_trial(job: _Job, trial: Any, sections_of: Callable[[], Mapping[str, Any]], label: str) -> Any:
     """Decode/apply/evaluate one claimed trial and store it complete or failed (with thumbnails); returns the record."""
     from difftune.errors import EvaluationError
@@ -577,11 +656,17 @@ def _evaluate_trial(job: _Job, trial: Any, sections_of: Callable[[], Mapping[str
 
     config = dict(trial.config or {})
     thumbnails: list[bytes] = []
+    key: str | None = None
     try:
         started = time.perf_counter()
         sections = sections_of()
         profile = to_profile(sections, job.context, name=label, provenance=job.provenance)
         config["profile"] = profile.to_dict()
+        if job.memo_context is not None:
+            key = memo_key(config["profile"], job.memo_context)
+            reused = _memoised(job, trial, config, key)
+            if reused is not None:
+                return reused
         decoded = time.perf_counter()
         job.store.update_trial(trial.id, config=config)  # a store write: billed to the overhead, not the trial
         started += time.perf_counter() - decoded
@@ -613,7 +698,7 @@ def _evaluate_trial(job: _Job, trial: Any, sections_of: Callable[[], Mapping[str
     except BaseException as exc:  # Ctrl-C, SystemExit: the trial is interrupted and will be retried
         job.store.interrupt_trials(job.study.id, grace_period=0, trial_ids=[trial.id], reason=_reason(exc))
         raise
-    record = job.store.set_trial_state(trial.id, TrialState.COMPLETE, metrics=values)
+    record = job.store.set_trial_state(trial.id, TrialState.COMPLETE, metrics=values, memo_key=key)
     _store_thumbnails(job, record, thumbnails)
     return record
 
@@ -762,7 +847,7 @@ def run_study(
     model: str | Any = "embedded",
     space: str = "cache",
     *,
-    budget: int = DEFAULT_BUDGET,
+    budget: int | None = None,
     study: str | None = None,
     storage: str | None = None,
     searcher: str | None = None,
@@ -787,6 +872,8 @@ def run_study(
     batch_size: int | None = None,
     pipeline_class: str | None = None,
     config: str | None = None,
+    population: int | None = None,
+    memo: bool = True,
     on_start: Callable[[Any], None] | None = None,
 ) -> RunResult:
     """Run or resume a study until the store holds ``budget`` finished trials, then record its front.
@@ -796,8 +883,9 @@ def run_study(
             the local cache (:func:`difftune.load_pipeline`).
         space: a search space name (:func:`difftune.spaces.get_space`).
         budget: finished trials (complete or failed; interrupted ones are retried, not counted) the
-            study must hold; it is stored with the study, so :func:`run_worker` processes stop there
-            too, and rerunning with a larger budget resumes and adds only the difference.
+            study must hold (default: the space's ``default_budget``); it is stored with the study, so
+            :func:`run_worker` processes stop there too, and rerunning with a larger budget resumes and
+            adds only the difference.
         study: the study's name (default ``"<model>-<space>"``).
         storage: a SQLAlchemy URL (default ``$DIFFTUNE_STORAGE`` or ``sqlite:///difftune.db``);
             Optuna's study lives in the same database.
@@ -827,6 +915,12 @@ def run_study(
         batch_size: images per pipeline call (default: all ``samples`` in one call).
         pipeline_class, config: for a single-file checkpoint ``model``: its diffusers pipeline class
             and a local directory or cached hub id holding the pipeline's configs.
+        population: individuals per generation of ``nsga2`` / ``pymoo-nsga2`` (default: the searcher's,
+            which for pymoo-nsga2 depends on ``budget``); chosen when the study is created, kept on resume.
+        memo: reuse the figures of an earlier complete trial — of any study in the store — that applied
+            the same profile in the same context (model weights, device, dtype, call, samples, metrics,
+            timing, library versions) instead of measuring it again (:func:`memo_key`); False measures
+            every trial.
         on_start: called with the resolved :class:`~difftune.search.settings.StudySettings` once the
             inputs are checked, before any trial runs (the CLI prints the device).
 
@@ -837,7 +931,7 @@ def run_study(
     """
     from difftune.search.settings import StudySettings, merge_objectives, resolve_device
 
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         raise SpaceError(f"budget: expected an integer >= 1, got {budget!r}")
     lo, hi = nfe_range
     if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
@@ -849,8 +943,12 @@ def run_study(
     from difftune.store import parse_constraint
 
     space_obj = get_space(space)
+    if budget is None:
+        budget = space_obj.default_budget
     searcher_name = searcher or space_obj.default_searcher
     _check_searcher(searcher_name)
+    asked_population = population
+    population = _population(searcher_name, population, budget)
     bounds = tuple(parse_constraint(c) for c in constraints)
     for c in bounds:
         metric_spec(c.metric)
@@ -877,6 +975,7 @@ def run_study(
         constraints=tuple(str(c) for c in bounds),
         nfe_range=(lo, hi),
         latency_repeats=latency_repeats,
+        population=population,
     )
     pipe, info = _prepare_pipeline(settings, pipeline)
     chosen_objectives = requested if requested is not None else default_objectives(info.family)
@@ -904,6 +1003,8 @@ def run_study(
         )
         stored = StudySettings.from_dict(study_rec.reference or {})
         changed = stored.differences(settings)
+        if asked_population is not None and stored.population != asked_population:
+            changed["population"] = (stored.population, asked_population)
         if changed:
             detail = "; ".join(f"{k} {old!r} (asked {new!r})" for k, (old, new) in changed.items())
             raise StoreError(
@@ -919,7 +1020,15 @@ def run_study(
         store.set_study_budget(study_rec.id, budget)
         study_rec = store.set_study_status(study_rec.id, "running")
         job = _job(
-            store, study_rec, pipe, space_obj, specs, searcher_name=searcher_name, seed=seed, settings=run_settings
+            store,
+            study_rec,
+            pipe,
+            space_obj,
+            specs,
+            searcher_name=searcher_name,
+            seed=seed,
+            settings=run_settings,
+            memo=memo,
         )
         _restore(job)
         _fail_dead_proposals(job)

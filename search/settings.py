@@ -179,6 +179,8 @@ class StudySettings:
             the front.
         nfe_range: the model evaluations the solver and joint spaces search.
         latency_repeats: timed calls per side for ``speedup``.
+        population: individuals per generation of a generation-based searcher (NSGA-II); None: the
+            searcher's own default. Chosen when the study is created and kept when it resumes.
     """
 
     model: str = "embedded"
@@ -200,12 +202,15 @@ class StudySettings:
     constraints: tuple[str, ...] = ()
     nfe_range: tuple[int, int] = (3, 12)
     latency_repeats: int = 3
+    population: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _positive_int("num_inference_steps", self.num_inference_steps, 1)
         _positive_int("samples", self.samples, 2)
         _positive_int("latency_repeats", self.latency_repeats, 1)
+        if self.population is not None:
+            _positive_int("--population", self.population, 2)
         if self.batch_size is not None:
             _positive_int("--batch-size", self.batch_size, 1)
         for name in ("height", "width"):

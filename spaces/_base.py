@@ -389,6 +389,8 @@ class Space(ABC):
     name: ClassVar[str] = ""
     #: The searcher ``difftune calibrate`` uses unless ``--searcher`` overrides it.
     default_searcher: ClassVar[str] = "tpe"
+    #: finished trials a study of this space holds when no budget is asked for
+    default_budget: ClassVar[int] = 24
     #: The profile sections this space's points fill.
     sections: ClassVar[tuple[str, ...]] = ()
 

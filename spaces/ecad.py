@@ -112,6 +112,8 @@ class EcadSpace(Space):
     """ECAD's genome: one bool per (step ≥ 1, block, present component) cell (see the module docstring)."""
 
     default_searcher = "pymoo-nsga2"
+    #: four generations of 15 (see PymooSearcher.default_population): about 3½ minutes on 2 CPU cores
+    default_budget = 60
     sections = ("cache",)
 
     def variables(self, context: SpaceContext) -> list[Variable]:

@@ -141,6 +141,8 @@ class TrialModel(Base):
     claim: Mapped[str | None] = mapped_column(String(256), nullable=True)
     #: baseline (a named hand-made method), seed (a hand-made starting point), searched, or retry
     kind: Mapped[str] = mapped_column(String(16), server_default="searched", default="searched")
+    #: hash of the applied profile and the measurement's context: equal keys measured the same thing
+    memo_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (
         UniqueConstraint("study_id", "number"),
@@ -148,6 +150,8 @@ class TrialModel(Base):
         Index("ix_difftune_trials_study_id_state", "study_id", "state"),
         # A baseline or a retry is claimed once per study (NULL claims — searched trials — repeat).
         Index("uq_difftune_trials_study_id_claim", "study_id", "claim", unique=True),
+        # A memoised result is looked up by its key across every study.
+        Index("ix_difftune_trials_memo_key", "memo_key"),
         CheckConstraint("state IN ('running', 'complete', 'failed', 'pruned', 'interrupted')", name="state"),
         CheckConstraint("kind IN ('baseline', 'seed', 'searched', 'retry')", name="kind"),
     )

@@ -268,6 +268,8 @@ class TrialRecord:
     metrics: tuple[MetricRecord, ...] = ()
     #: one of :data:`TRIAL_KINDS`
     kind: str = "searched"
+    #: hash of the applied profile and the measurement's context (complete trials since v0.5.0.a)
+    memo_key: str | None = None
 
     def values(self, split: str = CALIBRATION) -> dict[str, float]:
         """``{metric: value}`` measured on ``split``."""

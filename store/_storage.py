@@ -133,6 +133,7 @@ def _trial_record(row: Any, metrics: Sequence[MetricRecord] = ()) -> TrialRecord
         heartbeat_at=row.heartbeat_at,
         metrics=tuple(metrics),
         kind=row.kind or "searched",
+        memo_key=row.memo_key,
     )
 
 
@@ -566,8 +567,12 @@ class Store(ClaimsMixin):
         metrics: MetricsLike | None = None,
         error: str | None = None,
         split: str = CALIBRATION,
+        memo_key: str | None = None,
     ) -> TrialRecord:
         """Finish a running trial, storing its metrics (and the reason it failed) in the same transaction.
+
+        ``memo_key`` (complete trials) lets a later trial that measures the same thing reuse these
+        metrics (:meth:`find_memo`).
 
         ``metrics`` is ``{name: value}`` for the known metrics, or :class:`MetricRecord` objects. A
         failed trial needs ``error``, its reason. Repeating the call that finished a trial (a retry)
@@ -600,7 +605,22 @@ class Store(ClaimsMixin):
                     row.finished_at = now
                     if error is not None:
                         row.error = str(error)
+                    if memo_key is not None and target is TrialState.COMPLETE:
+                        row.memo_key = str(memo_key)
             session.flush()
+            return _trial_record(row, self._metrics_of(session, [row.id])[row.id])
+
+    def find_memo(self, memo_key: str) -> TrialRecord | None:
+        """The first complete trial, in any study, stored with ``memo_key`` (with its metrics), or None."""
+        with self._session("cannot look up a memoised trial in") as session:
+            row = session.scalars(
+                select(TrialModel)
+                .where(TrialModel.memo_key == memo_key, TrialModel.state == TrialState.COMPLETE.value)
+                .order_by(TrialModel.id)
+                .limit(1)
+            ).one_or_none()
+            if row is None:
+                return None
             return _trial_record(row, self._metrics_of(session, [row.id])[row.id])
 
     def record_metrics(

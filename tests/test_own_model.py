@@ -83,7 +83,7 @@ def calibrated(own_models):
             # psnr<99 keeps the identity (PSNR 100) off the cache front: on a busy machine three timed repeats
             # may not tell FORA 2 faster beyond the noise, and the identity would then stand alone
             with _capture_stdout() as out:
-                cache = ["--budget", "2", "--study", f"{family}-cache", "--constraint", "psnr<99"]
+                cache = ["--space", "cache", "--budget", "2", "--study", f"{family}-cache", "--constraint", "psnr<99"]
                 main(["calibrate", *common, *cache, "--storage", url])
             STARTS.append(out.getvalue())
             solver = ["--space", "solver", "--nfe", "3:3", "--budget", "2", "--study", f"{family}-solver"]

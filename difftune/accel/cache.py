@@ -229,6 +229,24 @@ class CacheMaskConfig:
     def num_steps(self) -> int:
         return len(self.mask)
 
+    def resample(self, steps: int) -> CacheMaskConfig:
+        """The schedule at another step count: step ``i`` of ``steps`` takes the row of the nearest step at
+        the same fraction of the trajectory (``⌊i·(T−1)/(steps−1) + ½⌋``); step 0 computes everything.
+
+        A schedule is tuned for its step count: measure the result before trusting it (``difftune export
+        --steps`` does, on held-out samples).
+        """
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ProfileError(f"cache.mask: cannot resample to {steps!r} steps; expected an integer >= 1")
+        old = self.array
+        if steps == len(old):
+            return self
+        span = max(len(old) - 1, 0)
+        rows = [old[int(np.floor(i * span / (steps - 1) + 0.5))] if steps > 1 else old[0] for i in range(steps)]
+        new = np.stack(rows).copy()
+        new[0] = True
+        return CacheMaskConfig.from_array(self.components, new)
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "mask", "components": list(self.components), "mask": [[list(c) for c in b] for b in self.mask]}
 

@@ -201,3 +201,22 @@ def test_malformed_cache_sections_name_the_field(data, message):
     cls = CacheMaskConfig if data["kind"] == "mask" else CachePolicy
     with pytest.raises(difftune.ProfileError, match=message):
         cls.from_dict(data)
+
+
+def test_a_mask_resampled_to_another_step_count_keeps_its_pattern_in_time():
+    from difftune.accel.cache import CacheMaskConfig
+
+    # 5 steps × 1 block × 2 components: computes at 0, 2, 4; component 1 also at 3
+    rows = [[[1, 1]], [[0, 0]], [[1, 1]], [[0, 1]], [[1, 1]]]
+    mask = CacheMaskConfig.from_array(("attn1", "ff"), rows)
+    # to 9 steps: step i takes old step ⌊i·4/8 + ½⌋ = 0 1 1 2 2 3 3 4 4 (ties to the later step)
+    nine = mask.resample(9).array[:, 0, :].astype(int).tolist()
+    assert nine == [[1, 1], [0, 0], [0, 0], [1, 1], [1, 1], [0, 1], [0, 1], [1, 1], [1, 1]]
+    # to 3 steps: 0 2 4; step 0 always computes
+    assert mask.resample(3).array[:, 0, :].astype(int).tolist() == [[1, 1], [1, 1], [1, 1]]
+    assert mask.resample(2).array[:, 0, :].astype(int).tolist() == [[1, 1], [1, 1]]
+    assert mask.resample(5) is mask
+    reused_first = CacheMaskConfig.from_array(("attn1", "ff"), [[[0, 0]], [[0, 0]]])
+    assert reused_first.resample(4).array[0].all()  # nothing is cached before step 0
+    with pytest.raises(difftune.ProfileError, match="resample"):
+        mask.resample(0)

@@ -265,3 +265,45 @@ def test_export_writes_nothing_when_no_candidate_keeps_the_selection_on_held_out
     with pytest.raises(StoreError, match="tried trial"):
         export_point(url, "s", f"fastest where psnr>={bound}", out, samples=2, max_candidates=1)
     assert len(measured) == len(front) + 1
+
+
+def test_export_for_another_step_count_re_measures_there_and_stores_nothing(study_db, tmp_path, embedded_pipe):
+    url = _copy_db(study_db, tmp_path)
+    out = tmp_path / "p8.json"
+    result = export_point(url, "s", "fastest where psnr<99", out, pipeline=embedded_pipe, latency_repeats=1, steps=8)
+    profile = difftune.load_profile(out)
+    assert profile.context.num_inference_steps == 8
+    assert profile.provenance["transferred"] == {"num_inference_steps": [STEPS, 8], "calibration_steps": STEPS}
+    cache = profile.cache
+    if hasattr(cache, "num_steps"):
+        assert cache.num_steps == 8
+    assert result.held_out["speedup"] > 0 and profile.metrics["psnr"]["value"] == result.held_out["psnr"]
+    # the figures at 8 steps are not the study's held-out figures: nothing was stored for them
+    with get_store(url) as store:
+        assert store.get_trial(result.trial.id).values(HELD_OUT) == {}
+    # it applies at 8 steps
+    handle = difftune.apply_profile(embedded_pipe, profile)
+    try:
+        images = embedded_pipe(class_labels=[3], num_inference_steps=8, output_type="pt").images
+    finally:
+        handle.remove()
+    assert torch.isfinite(images).all()
+
+
+def test_moving_steps_needs_validation_and_a_movable_profile(study_db, tmp_path, embedded_pipe):
+    import dataclasses
+
+    from difftune.search.export import transfer_profile
+
+    url = _copy_db(study_db, tmp_path)
+    with pytest.raises(DifftuneError, match="re-measured"):
+        export_point(url, "s", "best psnr", tmp_path / "x.json", validate=False, steps=8)
+    assert not (tmp_path / "x.json").exists()
+    context = SpaceContext.from_pipeline(embedded_pipe, num_inference_steps=STEPS)
+    solver = SolverSchedule.from_scheduler(embedded_pipe.scheduler, STEPS)
+    profile = to_profile({"solver": solver}, context)
+    with pytest.raises(DifftuneError, match="solver section is tied to its step count"):
+        transfer_profile(profile, 8)
+    assert transfer_profile(profile, STEPS) is profile
+    plain = dataclasses.replace(profile, solver=None)
+    assert transfer_profile(plain, 9).context.num_inference_steps == 9

@@ -102,7 +102,7 @@ def test_kill_9_mid_trial_then_rerun_resumes_and_retries_the_point(tmp_path):
     # retried by its own key (test_ctrl_c_…, the same path).
     db = tmp_path / "k.db"
     url = f"sqlite:///{db}"
-    args = _difftune("calibrate", "--budget", "8", *TINY_CLI, "--study", "k", "--storage", url)
+    args = _difftune("calibrate", "--space", "cache", "--budget", "8", *TINY_CLI, "--study", "k", "--storage", url)
     log = (tmp_path / "first.log").open("w")
     proc = subprocess.Popen(args, env=_env(), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -191,7 +192,7 @@ def test_thumbnails_stop_at_the_study_bound_and_a_store_error_never_fails_a_tria
 
     monkeypatch.setattr(Store, "add_images", broken)
     with caplog.at_level("WARNING", logger="difftune.search"):
-        result = run_study(pipeline=embedded_pipe, budget=2, storage=url, study="e", **TINY)
+        result = run_study(pipeline=embedded_pipe, budget=2, storage=url, study="e", memo=False, **TINY)
     assert result.complete == 2 and result.new_failed == 0
     assert "thumbnails of trial 0 not stored: StoreError: database is locked" in caplog.text
 
@@ -211,3 +212,75 @@ def test_a_pymoo_study_runs_through_the_same_runner_and_resumes_from_the_store(t
     keys = [tuple(sorted(t.params.items())) for t in trials if t.params]
     assert len(keys) == len(set(keys))  # memoised: no point measured twice, across the restart too
     assert all(t.state is TrialState.COMPLETE for t in trials)
+
+
+def test_a_short_nsga2_study_evolves_generations_and_keeps_its_population(tmp_path, embedded_pipe, monkeypatch):
+    from difftune.search import pymoo_searcher
+    from difftune.search.pymoo_searcher import PymooSearcher
+    from difftune.search.settings import StudySettings
+
+    # ECAD's 72 only when the budget holds four generations of it; else budget // 4, at least 8
+    assert [PymooSearcher.default_population(b) for b in (10, 60, 287, 288)] == [8, 15, 71, None]
+    built = []
+    original = PymooSearcher.__init__
+
+    @functools.wraps(original)  # keeps the signature the runner inspects
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self.population_size)
+
+    monkeypatch.setattr(pymoo_searcher.PymooSearcher, "__init__", spy)
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    run_study(pipeline=embedded_pipe, space="ecad", budget=9, storage=url, study="e", **TINY)
+    store = get_store(url)
+    try:
+        assert StudySettings.from_dict(store.get_study("e").reference).population == 8
+    finally:
+        store.close()
+    # resuming with a larger budget keeps the population the study was created with
+    run_study(pipeline=embedded_pipe, space="ecad", budget=10, storage=url, study="e", **TINY)
+    assert built == [8, 8]
+    with pytest.raises(difftune.DifftuneError, match="population"):
+        run_study(pipeline=embedded_pipe, space="ecad", budget=10, storage=url, study="e", population=20, **TINY)
+    # an explicit population; and none for a searcher that has no population
+    run_study(pipeline=embedded_pipe, space="ecad", budget=1, storage=url, study="f", population=30, **TINY)
+    assert built[-1] == 30
+    with pytest.raises(SpaceError, match="has no population"):
+        run_study(pipeline=embedded_pipe, budget=1, storage=url, study="g", searcher="tpe", population=10, **TINY)
+
+
+def test_a_second_study_reuses_what_the_first_measured_and_only_that(tmp_path, embedded_pipe, monkeypatch):
+    import difftune.evaluators as evaluators
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    first = run_study(pipeline=embedded_pipe, budget=3, storage=url, study="a", **TINY)
+    assert first.complete == 3
+    store = get_store(url)
+    try:
+        measured = {t.config["baseline"]: t for t in store.list_trials("a")}
+        assert all(t.memo_key and len(t.memo_key) == 64 for t in measured.values())
+    finally:
+        store.close()
+
+    # Another study of the same model, call and samples: its baselines are not run again.
+    def measured_again(*args, **kwargs):
+        raise EvaluationError("a memoised trial was measured")  # fails the trial (pytest.fail would stop the run)
+
+    monkeypatch.setattr(evaluators, "evaluate", measured_again)
+    second = run_study(pipeline=embedded_pipe, budget=3, storage=url, study="b", **TINY)
+    assert second.complete == 3 and second.failed == 0
+    store = get_store(url)
+    try:
+        for trial in store.list_trials("b"):
+            source = measured[trial.config["baseline"]]
+            assert trial.config["memo_of"] == {"study_id": source.study_id, "trial": source.number}
+            assert trial.values() == source.values() and trial.memo_key == source.memo_key
+            assert [i.png for i in store.get_images(trial.id)] == [i.png for i in store.get_images(source.id)]
+    finally:
+        store.close()
+
+    # Another step count, or memo=False: measured (here, the patched evaluate fails the trials).
+    other = run_study(pipeline=embedded_pipe, budget=1, storage=url, study="c", **{**TINY, "num_inference_steps": 5})
+    assert other.failed == 1 and "memoised trial was measured" in next(iter(other.failures))
+    fresh = run_study(pipeline=embedded_pipe, budget=1, storage=url, study="d", memo=False, **TINY)
+    assert fresh.failed == 1
