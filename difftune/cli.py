@@ -219,7 +219,7 @@ def bench(
     import difftune.search._bench  # noqa: F401  (registers the search's benchmarks: front, store)
     from difftune.benchmarks import run_benchmark
 
-    options = {"repeats": repeats, "batch": batch, "budget": budget, "samples": samples, "seed": seed}
+    options: dict[str, Any] = {"repeats": repeats, "batch": batch, "budget": budget, "samples": samples, "seed": seed}
     if name == "runtime":
         from difftune.search.settings import resolve_device
 

@@ -173,10 +173,16 @@ class StepTracker:
         same_storage = value.untyped_storage().data_ptr() == timesteps.untyped_storage().data_ptr()
         if value.dtype != timesteps.dtype or not same_storage or timesteps.stride(0) <= 0:
             return None
-        index, rest = divmod(value.storage_offset() - timesteps.storage_offset(), timesteps.stride(0))
+        offset = int(value.storage_offset()) - int(timesteps.storage_offset())
+        index, rest = divmod(offset, int(timesteps.stride(0)))
         if rest or not 0 <= index < len(timesteps):
             return None
-        key = (timesteps.untyped_storage().data_ptr(), timesteps.storage_offset(), len(timesteps), timesteps._version)
+        key = (
+            int(timesteps.untyped_storage().data_ptr()),
+            int(timesteps.storage_offset()),
+            len(timesteps),
+            int(timesteps._version),
+        )
         if self._mirror_key != key:
             self._mirror = timesteps.detach().cpu().tolist()  # one synchronisation per run
             self._mirror_key = key
