@@ -295,12 +295,21 @@ def _study_device(study: Any) -> str:
     return " ".join(str(v) for v in (settings.get("device") or "cpu", settings.get("dtype") or "") if v)
 
 
-def _point_label(trial: Any) -> str:
-    """The hand-made method's name of a baseline or seed; the retried trial of a retry; else empty."""
+def _point_label(trial: Any, study: Any = None) -> str:
+    """Where a point came from: the hand-made method of a baseline or seed, the retried trial of a retry,
+    the space and searcher of a searched point; and the trial whose figures it reused (memo)."""
     config = trial.config or {}
     if trial.kind == "retry":
-        return f"of trial {config.get('retry_of', '?')}"
-    return str(config.get("baseline") or config.get("seed") or "")
+        label = f"of trial {config.get('retry_of', '?')}"
+    elif config.get("baseline") or config.get("seed"):
+        label = str(config.get("baseline") or config.get("seed"))
+    else:
+        label = f"{study.space} search ({study.searcher})" if study is not None else ""
+    memo = config.get("memo_of")
+    if isinstance(memo, dict):
+        where = "" if study is not None and memo.get("study_id") == study.id else f"study {memo.get('study_id')} "
+        label += f" · figures of {where}trial {memo.get('trial')}"
+    return label
 
 
 def _front_table(study: Any, trials: list[Any], title: str | None = None, constraints: Sequence[str] = ()) -> Any:
@@ -327,7 +336,7 @@ def _front_table(study: Any, trials: list[Any], title: str | None = None, constr
     for trial in trials:
         values = trial.values()
         cells = [f"{values[n]:.4g}" if n in values else "" for n in (*names, *extra)]
-        table.add_row(str(trial.number), trial.kind, _point_label(trial), *cells)
+        table.add_row(str(trial.number), trial.kind, _point_label(trial, study), *cells)
     return table
 
 
@@ -665,6 +674,8 @@ def _front_json(study: Any, trials: list[Any], front: Any) -> dict[str, Any]:
                 "kind": t.kind,
                 "baseline": (t.config or {}).get("baseline"),
                 "seed": (t.config or {}).get("seed"),
+                "method": _point_label(t, study),
+                "memo_of": (t.config or {}).get("memo_of"),
                 "params": t.params,
                 "metrics": {m.name: {"value": m.value, "unit": m.unit, "direction": m.direction} for m in t.metrics},
             }

@@ -124,3 +124,19 @@ def test_bench_on_a_device_this_machine_lacks_is_one_line_exit_2(device, message
     assert result.returncode == EXIT_BAD_INPUT
     assert message in result.stderr and "Traceback" not in result.stderr
     assert "running benchmark" not in result.stdout  # refused before anything is loaded or timed
+
+
+def test_fronts_say_where_each_point_came_from():
+    from types import SimpleNamespace as NS
+
+    from difftune.cli import _point_label
+
+    study = NS(id=3, space="ecad", searcher="pymoo-nsga2")
+    assert _point_label(NS(kind="baseline", config={"baseline": "fora_2"}), study) == "fora_2"
+    assert _point_label(NS(kind="seed", config={"seed": "unipc_nfe4"}), study) == "unipc_nfe4"
+    assert _point_label(NS(kind="retry", config={"retry_of": 7}), study) == "of trial 7"
+    assert _point_label(NS(kind="searched", config={}), study) == "ecad search (pymoo-nsga2)"
+    same = NS(kind="searched", config={"memo_of": {"study_id": 3, "trial": 12}})
+    assert _point_label(same, study) == "ecad search (pymoo-nsga2) · figures of trial 12"
+    other = NS(kind="baseline", config={"baseline": "identity", "memo_of": {"study_id": 1, "trial": 0}})
+    assert _point_label(other, study) == "identity · figures of study 1 trial 0"
