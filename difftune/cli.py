@@ -766,6 +766,16 @@ def export(
             "candidate is re-measured at these steps; nothing is written unless one keeps --select there.",
         ),
     ] = None,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(help="Export for another guidance scale than the study's (candidates re-measured with it)."),
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option(min=8, help="Export for another image height (candidates re-measured at it).")
+    ] = None,
+    width: Annotated[
+        int | None, typer.Option(min=8, help="Export for another image width (candidates re-measured at it).")
+    ] = None,
 ) -> None:
     """Write the profile of the Pareto point --select picks, re-measured on held-out samples.
 
@@ -795,6 +805,9 @@ def export(
                 progress=lambda text: status.update(text),
                 max_candidates=max_candidates,
                 steps=steps,
+                guidance_scale=guidance_scale,
+                height=height,
+                width=width,
             )
     finally:
         store.close()
@@ -819,10 +832,10 @@ def export(
         )
         moved = result.profile.provenance.get("transferred")
         if moved:
-            before, after = moved["num_inference_steps"]
+            changes = ", ".join(f"{name} {before} → {after}" for name, (before, after) in moved.items())
             console.print(
-                f"moved from {before} to {after} steps: the held-out figures are at {after} steps (against the plain "
-                f"pipeline at {after}), the calibration ones at {before}",
+                f"moved to another call ({changes}): the held-out figures are measured there, against the plain "
+                "pipeline in that call; the calibration figures are the study's",
                 highlight=False,
             )
     else:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -411,6 +412,9 @@ def export_point(
     progress: Callable[[str], None] | None = None,
     max_candidates: int | None = None,
     steps: int | None = None,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
 ) -> ExportResult:
     """Write the profile of the Pareto point ``select`` picks from ``study``, re-measured on held-out samples.
 
@@ -437,6 +441,10 @@ def export_point(
             ``steps``, and the first that keeps ``select`` there is written — else nothing is, exit 2 with
             the closest point. Needs ``validate``. These measurements are not stored (the study's
             held-out figures are at its own step count).
+        guidance_scale, height, width: export for another guidance or image size than the study's, the
+            same way: the candidates are re-measured in that call (against the plain pipeline in it)
+            and the profile's context says it; the provenance's ``transferred`` lists every change as
+            ``[study's, new]``.
 
     Raises:
         StoreError: unknown study; no point satisfies ``select`` on calibration samples, or none of the
@@ -454,9 +462,20 @@ def export_point(
         raise DifftuneError(f"samples: expected an integer >= 2, got {samples!r}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 2):
         raise DifftuneError(f"--steps: expected an integer >= 2, got {steps!r}")
-    if steps is not None and not validate:
+    for option, size in (("--height", height), ("--width", width)):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 8):
+            raise DifftuneError(f"{option}: expected an integer >= 8, got {size!r}")
+    if guidance_scale is not None and (
+        isinstance(guidance_scale, bool)
+        or not isinstance(guidance_scale, (int, float))
+        or not math.isfinite(guidance_scale)
+    ):
+        raise DifftuneError(f"--guidance-scale: expected a finite number, got {guidance_scale!r}")
+    asked = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width}
+    if not validate and any(v is not None for v in asked.values()):
         raise DifftuneError(
-            "--steps: a point moved to another step count must be re-measured there; drop --no-validate"
+            "--steps / --guidance-scale / --height / --width: a point moved to another call must be re-measured "
+            "there; drop --no-validate"
         )
     out_path = Path(out)
     _check_out(out_path, format)
@@ -471,15 +490,23 @@ def export_point(
         record = store.get_study(study)
         settings = _settings_of(record)
         ranked = rank_points(store.pareto_front(record.id, constraints=settings.constraints), select)
-        study_steps = int(settings.num_inference_steps)
-        transfer = steps is not None and steps != study_steps
+        moved = {
+            name: [getattr(settings, name), new]
+            for name, new in asked.items()
+            if new is not None and new != getattr(settings, name)
+        }
+        transfer = bool(moved)
         if transfer:
-            assert steps is not None
-            settings = dataclasses.replace(settings, num_inference_steps=steps)
+            settings = dataclasses.replace(settings, **{name: new for name, (_, new) in moved.items()})
 
         def profile_of(trial: Any) -> Any:
-            stored = _stored_profile(trial, study)
-            return transfer_profile(stored, steps) if transfer and steps is not None else stored
+            profile = _stored_profile(trial, study)
+            if "num_inference_steps" in moved:
+                profile = transfer_profile(profile, moved["num_inference_steps"][1])
+            call = {name: new for name, (_, new) in moved.items() if name != "num_inference_steps"}
+            if call:
+                profile = dataclasses.replace(profile, context=dataclasses.replace(profile.context, **call))
+            return profile
 
         point = ranked[0]
         reference_info = dict(record.reference or {})
@@ -505,7 +532,7 @@ def export_point(
                     f"{len(chosen)} held-out samples …"
                 )
                 measured = _measure(pipe, profile_of(candidate), chosen, settings, candidate.values(), latency_repeats)
-                if transfer:  # figures at another step count: not the study's held-out figures
+                if transfer:  # figures in another call: not the study's held-out figures
                     candidate = dataclasses.replace(candidate, metrics=tuple(MetricRecord.collect(measured, HELD_OUT)))
                 else:
                     candidate = store.record_metrics(candidate.id, measured, split=HELD_OUT, replace=True)
@@ -545,8 +572,8 @@ def export_point(
             provenance["held_out_samples"] = len(chosen)
             provenance["held_out_seeds"] = [seeds[0], seeds[-1]] if seeds else []
         if transfer:
-            # the held-out figures are at the new step count, the calibration ones at the study's
-            provenance["transferred"] = {"num_inference_steps": [study_steps, steps], "calibration_steps": study_steps}
+            # the held-out figures are in the new call, the calibration ones in the study's: [study's, new]
+            provenance["transferred"] = moved
         name = profile.name or f"trial {point.number}"
         profile = dataclasses.replace(profile, name=f"{record.name}: {name}", metrics=metrics, provenance=provenance)
 

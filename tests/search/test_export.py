@@ -270,10 +270,13 @@ def test_export_writes_nothing_when_no_candidate_keeps_the_selection_on_held_out
 def test_export_for_another_step_count_re_measures_there_and_stores_nothing(study_db, tmp_path, embedded_pipe):
     url = _copy_db(study_db, tmp_path)
     out = tmp_path / "p8.json"
-    result = export_point(url, "s", "fastest where psnr<99", out, pipeline=embedded_pipe, latency_repeats=1, steps=8)
+    result = export_point(
+        url, "s", "fastest where psnr<99", out, pipeline=embedded_pipe, latency_repeats=1, steps=8, guidance_scale=3.0
+    )
     profile = difftune.load_profile(out)
-    assert profile.context.num_inference_steps == 8
-    assert profile.provenance["transferred"] == {"num_inference_steps": [STEPS, 8], "calibration_steps": STEPS}
+    assert (profile.context.num_inference_steps, profile.context.guidance_scale) == (8, 3.0)
+    moved = profile.provenance["transferred"]
+    assert moved["num_inference_steps"] == [STEPS, 8] and moved["guidance_scale"][1] == 3.0 and len(moved) == 2
     cache = profile.cache
     if hasattr(cache, "num_steps"):
         assert cache.num_steps == 8
@@ -298,6 +301,8 @@ def test_moving_steps_needs_validation_and_a_movable_profile(study_db, tmp_path,
     url = _copy_db(study_db, tmp_path)
     with pytest.raises(DifftuneError, match="re-measured"):
         export_point(url, "s", "best psnr", tmp_path / "x.json", validate=False, steps=8)
+    with pytest.raises(DifftuneError, match="guidance-scale"):
+        export_point(url, "s", "best psnr", tmp_path / "x.json", guidance_scale=float("nan"))
     assert not (tmp_path / "x.json").exists()
     context = SpaceContext.from_pipeline(embedded_pipe, num_inference_steps=STEPS)
     solver = SolverSchedule.from_scheduler(embedded_pipe.scheduler, STEPS)
