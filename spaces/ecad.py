@@ -207,6 +207,25 @@ class EcadSpace(Space):
                 )
         return out
 
+    def seeds(self, context: SpaceContext) -> list[NamedPoint]:
+        """BAC's schedules (:class:`~difftune.spaces.BACSpace`'s named points: K ≈ T/4, T/2, 3T/4 and its
+        reference setting), from the pipeline's own recorded trajectories: starting points of
+        generation 0 beside the hand-made baselines, evaluated after them as kind ``seed``.
+
+        They need the pipeline (a context built with ``keep_pipeline=False`` gets none) and cost one
+        recording of the plain pipeline's trajectories (cached on disk; 0.5 s on the embedded model).
+        """
+        if context.pipeline is None:
+            return []
+        from .bac import BACSpace
+
+        out = []
+        for point in BACSpace().baselines(context):
+            cache = point.sections.get("cache")
+            if isinstance(cache, CacheMaskConfig):
+                out.append(self._point(f"seed_{point.name}", cache.array, context, f"{point.description} (BAC)"))
+        return out
+
 
 # --------------------------------------------------------------------------------------------
 # ECAD's schedule files

@@ -77,21 +77,39 @@ def test_the_baselines_are_points_of_the_genome(context):
         assert np.array_equal(decoded, point.sections["cache"].array)
 
 
+def test_bac_schedules_seed_generation_0(embedded_pipe, context):
+    from difftune.spaces import BACSpace
+
+    full = SpaceContext.from_pipeline(embedded_pipe, num_inference_steps=STEPS)
+    space = get_space("ecad")
+    seeds = space.seeds(full)
+    bac = BACSpace().baselines(full)
+    assert [s.name for s in seeds] == [f"seed_{b.name}" for b in bac]
+    for seed, point in zip(seeds, bac, strict=True):
+        assert np.array_equal(seed.sections["cache"].array, point.sections["cache"].array)
+        assert np.array_equal(space.decode(seed.params, full)["cache"].array, point.sections["cache"].array)
+    assert space.seeds(context) == []  # no pipeline, no trajectories to record
+
+
 def test_an_ecad_study_seeds_pymoo_with_the_hand_made_schedules(tmp_path, embedded_pipe, one_thread):
     from difftune.search import run_study
     from difftune.store import get_store
 
     url = f"sqlite:///{tmp_path / 'e.db'}"
     tiny = {"samples": 2, "num_inference_steps": STEPS, "latency_repeats": 1}
-    result = run_study(pipeline=embedded_pipe, space="ecad", budget=14, storage=url, study="e", **tiny)
-    assert result.study.searcher == "pymoo-nsga2" and result.finished == 14 and not result.failed
+    result = run_study(pipeline=embedded_pipe, space="ecad", budget=16, storage=url, study="e", **tiny)
+    assert result.study.searcher == "pymoo-nsga2" and result.finished == 16 and not result.failed
     with get_store(url) as store:
         trials = store.list_trials("e")
     kinds = [t.kind for t in trials]
-    baselines = len(get_space("ecad").baselines(SpaceContext.from_pipeline(embedded_pipe, num_inference_steps=STEPS)))
-    assert kinds == ["baseline"] * baselines + ["searched"] * (14 - baselines)
-    keys = {tuple(sorted(t.params.items())) for t in trials}
-    assert len(keys) == 14  # pymoo never asks to measure a hand-made schedule again
+    full = SpaceContext.from_pipeline(embedded_pipe, num_inference_steps=STEPS)
+    baselines, seeds = len(get_space("ecad").baselines(full)), len(get_space("ecad").seeds(full))
+    assert seeds == 4 and baselines + seeds < 16
+    assert kinds == ["baseline"] * baselines + ["seed"] * seeds + ["searched"] * (16 - baselines - seeds)
+    hand_made = {tuple(sorted(t.params.items())) for t in trials if t.kind != "searched"}
+    searched = [tuple(sorted(t.params.items())) for t in trials if t.kind == "searched"]
+    # pymoo never asks to measure a hand-made schedule (or one of its own) again
+    assert len(set(searched)) == len(searched) and not hand_made & set(searched)
 
 
 def _ecad_file(steps: int, blocks: int, components: tuple[str, ...], cached: set[tuple[int, int, str]]) -> dict:
