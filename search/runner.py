@@ -203,9 +203,7 @@ def _population(searcher: str, asked: int | None, budget: int) -> int | None:
             raise SpaceError(f"--population: searcher {searcher!r} has no population (nsga2 and pymoo-nsga2 have)")
         return None
     if asked is not None:
-        if isinstance(asked, bool) or not isinstance(asked, int) or asked < 2:
-            raise SpaceError(f"--population: expected an integer >= 2, got {asked!r}")
-        return asked
+        return asked  # its range is checked with the other settings (StudySettings)
     default = getattr(cls, "default_population", None)
     return default(budget) if callable(default) else None
 
