@@ -20,6 +20,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from difftune.accel._hooks import Handle, wrap_forward
+
 __all__ = ["FALLBACK", "FastPath", "Shared", "fast_path_for", "register_fast_path"]
 
 #: Returned by :meth:`FastPath.run` when a call uses a feature the fast path does not mirror.
@@ -47,6 +49,10 @@ _ADA_ZERO = "diffusers.models.normalization.AdaLayerNormZero"
 _ADA_ZERO_X = "diffusers.models.normalization.SD35AdaLayerNormZeroX"
 
 
+def _version(value: Any) -> int:
+    return int(value._version) if isinstance(value, torch.Tensor) else 0
+
+
 def _plain(module: Any, qualified_name: str) -> bool:
     """``module`` is exactly that class and its forward is not wrapped, so calling pieces of it by hand
     computes what calling it would."""
@@ -58,6 +64,54 @@ class Shared:
 
     def __init__(self) -> None:
         self._projection: tuple[Any, ...] | None = None
+        # Whether a gate-only product gave the same bits as the whole one, per linear, input shape,
+        # dtype and device (the BLAS picks its kernel by shape: the check is made once per shape).
+        self._same_bits: dict[tuple[Any, ...], bool] = {}
+
+    def gates(self, linear: Any, x: torch.Tensor, chunks: int, picks: tuple[int, ...]) -> list[torch.Tensor]:
+        """``[linear(x).chunk(chunks, dim=1)[i] for i in picks]``, computing only the picked chunks' rows of
+        the weight where that gives the same bits.
+
+        A reused block needs only its gates: of an adaLN modulation's 6 (or 9, or 3) chunks, the shift
+        and scale chunks feed the norms it skips. Each output element of a matrix product is the same
+        dot product whether the other columns are computed or not, but a BLAS may pick another kernel
+        (another summation order) for another output width; so the first call per linear, input shape,
+        dtype and device computes both and compares them bit for bit, and only a match is taken on
+        (a mismatch keeps the whole product, which is what the block itself computes)."""
+        weight: Any = getattr(linear, "weight", None)
+        sliceable = (
+            type(linear) is torch.nn.Linear
+            and "forward" not in linear.__dict__
+            and type(weight.data) is torch.Tensor  # not a quantized tensor subclass
+            and x.dim() == 2
+            and weight.shape[0] % chunks == 0
+        )
+
+        def whole() -> list[torch.Tensor]:
+            mod = linear(x).chunk(chunks, dim=1)
+            return [mod[i] for i in picks]
+
+        # Under torch.compile the check's outcome would be a guard, and its first call a graph more.
+        if not sliceable or torch.compiler.is_compiling():
+            return whole()
+        rows = weight.shape[0] // chunks
+        bias = linear.bias
+
+        def picked() -> list[torch.Tensor]:
+            return [
+                torch.nn.functional.linear(
+                    x, weight[i * rows : (i + 1) * rows], None if bias is None else bias[i * rows : (i + 1) * rows]
+                )
+                for i in picks
+            ]
+
+        key = (id(linear), tuple(x.shape), x.dtype, x.device, chunks, picks)
+        same = self._same_bits.get(key)
+        if same is None:
+            reference = whole()
+            self._same_bits[key] = all(torch.equal(a, b) for a, b in zip(reference, picked(), strict=True))
+            return reference
+        return picked() if same else whole()
 
     def timestep_projection(self, time_proj: Any, timestep: torch.Tensor) -> torch.Tensor:
         """``time_proj(timestep)``, computed once for all blocks of a call: the sinusoidal projection is
@@ -135,6 +189,10 @@ class FastPath:
         """The children (attribute names) whose cached outputs the block's output is made of."""
         raise NotImplementedError
 
+    def install(self) -> list[Handle]:
+        """Wrappers the fast path puts on the block's submodules besides the block (undone with it)."""
+        return []
+
     def batch(self, args: tuple, kwargs: dict) -> int:
         return int(self.arg(args, kwargs, self.hidden).shape[0])
 
@@ -170,15 +228,50 @@ class BasicBlockFastPath(FastPath):
             and _plain(emb, "diffusers.models.embeddings.CombinedTimestepLabelEmbeddings")
             and _plain(emb.time_proj, "diffusers.models.embeddings.Timesteps")
         )
+        self._memo: tuple[Any, ...] | None = None
 
-    def _conditioning(self, timestep: Any, class_labels: Any, dtype: torch.dtype) -> torch.Tensor:
+    def conditioning(self, timestep: Any, class_labels: Any, dtype: Any, compute: Any = None) -> torch.Tensor:
         """``norm1.emb(timestep, class_labels, hidden_dtype=dtype)``, as CombinedTimestepLabelEmbeddings
-        computes it, with the timestep projection shared by the blocks of the call."""
+        computes it, with the timestep projection shared by the blocks of the call.
+
+        The last result is kept for the same tensors (same objects, unmodified since): DiT's output head
+        calls the first block's embedding again with the block's own inputs, and gets it from here."""
+        grad = torch.is_grad_enabled()
+        # Under torch.compile the memo's identity checks would be guards that fail every step.
+        compiling = torch.compiler.is_compiling()
+        memo = None if compiling else self._memo
+        if (
+            memo is not None
+            and memo[0] is timestep
+            and memo[2] is class_labels
+            and memo[1] == _version(timestep)
+            and memo[3] == _version(class_labels)
+            and memo[4] == dtype
+            and memo[5] == grad
+        ):
+            return memo[6]
         emb = self.block.norm1.emb
-        if not (self.unrolled and isinstance(timestep, torch.Tensor)):
-            return emb(timestep, class_labels, hidden_dtype=dtype)
-        projection = self.shared.timestep_projection(emb.time_proj, timestep)
-        return emb.timestep_embedder(projection.to(dtype=dtype)) + emb.class_embedder(class_labels)
+        if compute is not None:
+            out = compute()
+        elif self.unrolled and isinstance(timestep, torch.Tensor):
+            projection = self.shared.timestep_projection(emb.time_proj, timestep)
+            out = emb.timestep_embedder(projection.to(dtype=dtype)) + emb.class_embedder(class_labels)
+        else:
+            out = emb(timestep, class_labels, hidden_dtype=dtype)
+        if not compiling:
+            self._memo = (timestep, _version(timestep), class_labels, _version(class_labels), dtype, grad, out)
+        return out
+
+    def install(self) -> list[Handle]:
+        if not self.unrolled:
+            return []
+
+        def remembered(inner: Callable[..., Any], timestep: Any, class_labels: Any, hidden_dtype: Any = None) -> Any:
+            return self.conditioning(
+                timestep, class_labels, hidden_dtype, lambda: inner(timestep, class_labels, hidden_dtype=hidden_dtype)
+            )
+
+        return [wrap_forward(self.block.norm1.emb, remembered)]
 
     def run(self, cached: Mapping[str, Any], args: tuple, kwargs: dict) -> Any:
         block, arg = self.block, self.arg
@@ -190,12 +283,13 @@ class BasicBlockFastPath(FastPath):
         timestep = arg(args, kwargs, "timestep")
         if block.norm_type == "ada_norm_zero":
             norm1 = block.norm1
-            emb = self._conditioning(timestep, arg(args, kwargs, "class_labels"), hidden.dtype)
-            mod = norm1.linear(norm1.silu(emb)).chunk(6, dim=1)
-            gate_msa, gate_mlp = mod[2].unsqueeze(1), mod[5].unsqueeze(1)
+            emb = self.conditioning(timestep, arg(args, kwargs, "class_labels"), hidden.dtype)
+            gate_msa, gate_mlp = (g.unsqueeze(1) for g in self.shared.gates(norm1.linear, norm1.silu(emb), 6, (2, 5)))
         else:
-            mod = (block.scale_shift_table[None] + timestep.reshape(hidden.shape[0], 6, -1)).chunk(6, dim=1)
-            gate_msa, gate_mlp = mod[2], mod[5]
+            # Only the two gate rows of ``(table[None] + timestep.reshape(B, 6, -1)).chunk(6, dim=1)``:
+            # an elementwise sum, so its picked rows are the same bits as the whole one's.
+            table, modulation = block.scale_shift_table[None], timestep.reshape(hidden.shape[0], 6, -1)
+            gate_msa, gate_mlp = (table[:, i : i + 1] + modulation[:, i : i + 1] for i in (2, 5))
         hidden = _plus_gated(hidden, gate_msa, cached["attn1"])
         if hidden.ndim == 4:
             hidden = hidden.squeeze(1)
@@ -227,15 +321,17 @@ class FluxDoubleFastPath(FastPath):
         hidden = arg(args, kwargs, "hidden_states")
         context = arg(args, kwargs, "encoder_hidden_states")
         temb = arg(args, kwargs, "temb")
-        mod = block.norm1.linear(block.norm1.silu(temb)).chunk(6, dim=1)
-        c_mod = block.norm1_context.linear(block.norm1_context.silu(temb)).chunk(6, dim=1)
+        gate_msa, gate_mlp = self.shared.gates(block.norm1.linear, block.norm1.silu(temb), 6, (2, 5))
+        c_gate_msa, c_gate_mlp = self.shared.gates(
+            block.norm1_context.linear, block.norm1_context.silu(temb), 6, (2, 5)
+        )
         attention = cached["attn"]
-        hidden = _plus_gated(hidden, mod[2].unsqueeze(1), attention[0])
-        hidden = _plus_gated(hidden, mod[5].unsqueeze(1), cached["ff"])
+        hidden = _plus_gated(hidden, gate_msa.unsqueeze(1), attention[0])
+        hidden = _plus_gated(hidden, gate_mlp.unsqueeze(1), cached["ff"])
         if len(attention) == 3:  # IP-Adapter's image attention, added ungated
             hidden = hidden + attention[2]
-        context = _plus_gated(context, c_mod[2].unsqueeze(1), attention[1])
-        context = _plus_gated(context, c_mod[5].unsqueeze(1), cached["ff_context"])
+        context = _plus_gated(context, c_gate_msa.unsqueeze(1), attention[1])
+        context = _plus_gated(context, c_gate_mlp.unsqueeze(1), cached["ff_context"])
         if context.dtype == torch.float16:
             context = context.clip(-65504, 65504)
         return context, hidden
@@ -259,7 +355,7 @@ class FluxSingleFastPath(FastPath):
         context = arg(args, kwargs, "encoder_hidden_states")
         text_len = context.shape[1]
         hidden = torch.cat([context, arg(args, kwargs, "hidden_states")], dim=1)
-        gate = block.norm.linear(block.norm.silu(arg(args, kwargs, "temb"))).chunk(3, dim=1)[2]
+        (gate,) = self.shared.gates(block.norm.linear, block.norm.silu(arg(args, kwargs, "temb")), 3, (2,))
         hidden = _plus_gated(hidden, gate.unsqueeze(1), cached["proj_out"])
         if hidden.dtype == torch.float16:
             hidden = hidden.clip(-65504, 65504)
@@ -296,16 +392,21 @@ class JointBlockFastPath(FastPath):
             return FALLBACK
         hidden = arg(args, kwargs, "hidden_states")
         temb = arg(args, kwargs, "temb")
-        mod = block.norm1.linear(block.norm1.silu(temb)).chunk(9 if block.use_dual_attention else 6, dim=1)
+        dual = block.use_dual_attention
+        gates = self.shared.gates(
+            block.norm1.linear, block.norm1.silu(temb), 9 if dual else 6, (2, 5, 8) if dual else (2, 5)
+        )
         attention, context_attention = cached["attn"]
-        hidden = _plus_gated(hidden, mod[2].unsqueeze(1), attention)
-        if block.use_dual_attention:
-            hidden = _plus_gated(hidden, mod[8].unsqueeze(1), cached["attn2"])
-        hidden = _plus_gated(hidden, mod[5].unsqueeze(1), cached["ff"])
+        hidden = _plus_gated(hidden, gates[0].unsqueeze(1), attention)
+        if dual:
+            hidden = _plus_gated(hidden, gates[2].unsqueeze(1), cached["attn2"])
+        hidden = _plus_gated(hidden, gates[1].unsqueeze(1), cached["ff"])
         if block.context_pre_only:
             return None, hidden
         context = arg(args, kwargs, "encoder_hidden_states")
-        c_mod = block.norm1_context.linear(block.norm1_context.silu(temb)).chunk(6, dim=1)
-        context = _plus_gated(context, c_mod[2].unsqueeze(1), context_attention)
-        context = _plus_gated(context, c_mod[5].unsqueeze(1), cached["ff_context"])
+        c_gate_msa, c_gate_mlp = self.shared.gates(
+            block.norm1_context.linear, block.norm1_context.silu(temb), 6, (2, 5)
+        )
+        context = _plus_gated(context, c_gate_msa.unsqueeze(1), context_attention)
+        context = _plus_gated(context, c_gate_mlp.unsqueeze(1), cached["ff_context"])
         return context, hidden

@@ -159,6 +159,8 @@ def _install(
         fast = None if "forward" in module.__dict__ else fast_path_for(module, frozenset(caches), shared)
         if fast is not None:
             handle.add(wrap_forward(module, _ReusedBlock(tracker, fast, caches, reused)))
+            for extra in fast.install():
+                handle.add(extra)
 
 
 class _StepCountCheck:

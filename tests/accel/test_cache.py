@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import difftune
+from difftune.accel._reused_blocks import Shared
 from difftune.accel.cache import CacheMaskConfig, CachePolicy, FORAConfig, apply_cache_schedule
 from difftune.accel.flops import component_flops, count_flops
 from tests.models.tiny_pipelines import build, torch_threads
@@ -161,7 +162,9 @@ def test_masks_run_on_other_families(family):
         assert reduced < full
 
 
-def test_component_flops_predict_the_counted_flops_of_a_schedule(embedded_pipe):
+def test_component_flops_predict_the_counted_flops_of_a_schedule(monkeypatch, embedded_pipe):
+    import difftune.accel.cache as cache_module
+
     info = difftune.describe(embedded_pipe)
     flops = component_flops(embedded_pipe, lambda: _run(embedded_pipe))
     assert flops.per_component.shape == (len(info.blocks), len(info.components))
@@ -169,12 +172,31 @@ def test_component_flops_predict_the_counted_flops_of_a_schedule(embedded_pipe):
     mask = _mask(info, every=3)
     mask[:, 0] = True  # keep block 0 always fresh: a non-uniform mask
     full = count_flops(lambda: _run(embedded_pipe))
-    handle = apply_cache_schedule(embedded_pipe, CacheMaskConfig.from_array(info.components, mask))
-    counted = count_flops(lambda: _run(embedded_pipe))
-    handle.remove()
     assert full == flops.total * STEPS
+    config = CacheMaskConfig.from_array(info.components, mask)
+
+    # Through the per-component hooks a schedule costs exactly what the FLOP model predicts.
+    with monkeypatch.context() as patch:
+        patch.setattr(cache_module, "fast_path_for", lambda *a: None)
+        handle = apply_cache_schedule(embedded_pipe, config)
+        counted = count_flops(lambda: _run(embedded_pipe))
+        handle.remove()
     assert counted == flops.schedule_flops(mask)
     assert flops.ideal_speedup(mask) == pytest.approx(full / counted)
+
+    # A fully reused block computes only its two gate chunks of the 6·D-wide adaLN modulation
+    # (where that product gives the same bits; checked on the first run, so count the second).
+    shared = []
+    monkeypatch.setattr(cache_module, "Shared", lambda: shared.append(Shared()) or shared[-1])
+    handle = apply_cache_schedule(embedded_pipe, config)
+    _run(embedded_pipe)
+    fast = count_flops(lambda: _run(embedded_pipe))
+    handle.remove()
+    (verdicts,) = [s._same_bits for s in shared]
+    reused_cells = int((~mask).all(axis=2).sum())
+    rows, width = 2 * 3, embedded_pipe.transformer.inner_dim  # 3 labels, doubled for guidance
+    saved = reused_cells * 2 * rows * width * 4 * width if all(verdicts.values()) else 0
+    assert verdicts and fast == flops.schedule_flops(mask) - saved
 
 
 def test_configs_round_trip_through_json(embedded_pipe):

@@ -298,3 +298,85 @@ def test_fast_path_is_bit_identical_to_the_hook_path_on_cuda(monkeypatch, dtype)
     )
     assert fast["outputs"][0].device.type == "cuda" and fast["outputs"][0].dtype == dtype
     assert len(hooks["component_calls"]) - len(fast["component_calls"]) == fully_reused_cells(info, mask)
+
+
+def test_gate_chunks_are_the_whole_products_bits_or_the_whole_product(monkeypatch):
+    from difftune.accel._reused_blocks import Shared
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 6 * 16)
+    x = torch.randn(5, 32)
+    whole = linear(x).chunk(6, dim=1)
+    shared = Shared()
+    first = shared.gates(linear, x, 6, (2, 5))  # the check's call hands back the whole product's chunks
+    second = shared.gates(linear, x, 6, (2, 5))
+    for got in (first, second):
+        assert [torch.equal(g, whole[i]) for g, i in zip(got, (2, 5), strict=True)] == [True, True]
+    (verdict,) = shared._same_bits.values()
+    if verdict:  # where the BLAS gives the same bits, the second call computed only the gate rows
+        assert second[0].is_contiguous() and not whole[2].is_contiguous()
+
+    # A BLAS whose narrower product rounds differently: the check fails and the whole product is kept.
+    real_linear = torch.nn.functional.linear
+
+    def off_by_an_ulp(inp, weight, bias=None):
+        out = real_linear(inp, weight, bias)
+        return torch.nextafter(out, torch.full_like(out, float("inf"))) if weight.shape[0] == 16 else out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", off_by_an_ulp)
+    wary = Shared()
+    for _ in range(2):
+        got = wary.gates(linear, x, 6, (2, 5))
+        assert torch.equal(got[0], whole[2]) and torch.equal(got[1], whole[5])
+    assert list(wary._same_bits.values()) == [False]
+    # A linear another library replaced (a quantized weight, a LoRA layer) is always computed whole.
+    assert Shared().gates(torch.nn.Identity(), x, 2, (1,))[0].shape == (5, 16)
+
+
+def test_the_output_heads_conditioning_comes_from_the_first_blocks_reused_step(monkeypatch, embedded_pipe):
+    """DiT's output head calls block 0's label-and-timestep embedding again with the block's own inputs:
+    with a fast path on block 0 it is computed once per denoiser call, with the same images."""
+    info = difftune.describe(embedded_pipe)
+    embedder = embedded_pipe.transformer.transformer_blocks[0].norm1.emb.timestep_embedder
+    calls: list[int] = []
+    hook = embedder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        base = _run_embedded(embedded_pipe, 6)
+        plain_calls = len(calls)
+        mask = np.ones(info.mask_shape(6), dtype=bool)
+        mask[1:] = False
+        calls.clear()
+        handle = apply_cache_schedule(embedded_pipe, CacheMaskConfig.from_array(info.components, mask))
+        fast = _run_embedded(embedded_pipe, 6)
+        fast_calls = len(calls)
+        handle.remove()
+        with hook_path_only(monkeypatch):
+            handle = apply_cache_schedule(embedded_pipe, CacheMaskConfig.from_array(info.components, mask))
+            hooks = _run_embedded(embedded_pipe, 6)
+            handle.remove()
+    finally:
+        hook.remove()
+    assert plain_calls == 2 * 6  # the block and the head, every step
+    assert fast_calls == 6
+    assert torch.equal(fast, hooks)
+    assert not torch.equal(fast, base)
+    no_wrappers_left(embedded_pipe, info)
+
+
+def test_the_conditioning_memo_recomputes_for_new_or_modified_inputs(embedded_pipe):
+    from difftune.accel._reused_blocks import BasicBlockFastPath, Shared
+
+    block = embedded_pipe.transformer.transformer_blocks[0]
+    fast = BasicBlockFastPath(block, Shared())
+    t = torch.full((4,), 500.0)
+    labels = torch.tensor([1, 2, 3, 10])
+    with torch.no_grad():
+        first = fast.conditioning(t, labels, torch.float32)
+        assert fast.conditioning(t, labels, torch.float32) is first
+        reference = block.norm1.emb(t, labels, hidden_dtype=torch.float32)
+        assert torch.equal(first, reference)
+        labels[0] = 7  # modified in place: the same object, another version
+        changed = fast.conditioning(t, labels, torch.float32)
+        assert changed is not first
+        assert torch.equal(changed, block.norm1.emb(t, labels, hidden_dtype=torch.float32))
+        assert fast.conditioning(t.clone(), labels, torch.float32) is not changed
