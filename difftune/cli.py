@@ -194,18 +194,22 @@ def bench(
         str,
         typer.Argument(
             help="Which benchmark: runtime (hooks, solver, SADA, masks), front (tuned vs baseline fronts, "
-            "minutes), store (searcher and store overhead, 100k-trial front query)."
+            "minutes), store (searcher and store overhead, 100k-trial front query), search (random vs seeded "
+            "and screened NSGA-II on ECAD's genome, each space's best point; ~15 minutes)."
         ),
     ] = "runtime",
     repeats: Annotated[int | None, typer.Option(min=3, help="Timed repeats per side (runtime: 7, front: 5).")] = None,
     batch: Annotated[int | None, typer.Option(min=1, help="runtime: images per pipeline call (16).")] = None,
     budget: Annotated[
-        int | None, typer.Option(min=1, help="front / store: finished trials of the (joint) study (200 / 16).")
+        int | None,
+        typer.Option(
+            min=1, help="front / store / search: finished trials of the (joint / random-start) study (200 / 16 / 96)."
+        ),
     ] = None,
     samples: Annotated[
-        int | None, typer.Option(min=2, help="front / store: calibration samples per trial (20).")
+        int | None, typer.Option(min=2, help="front / store / search: calibration samples per trial (20).")
     ] = None,
-    seed: Annotated[int | None, typer.Option(help="front: the searcher's seed (0).")] = None,
+    seed: Annotated[int | None, typer.Option(help="front / search: the searchers' seed (0).")] = None,
     device: Annotated[
         str | None,
         typer.Option(
@@ -424,6 +428,19 @@ def calibrate(
             "model, device, call and samples (--no-memo measures every trial)."
         ),
     ] = True,
+    screen: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Multi-fidelity: measure every candidate first on this many calibration samples (one timed call "
+            "for its speed) and only the best 1/--screen-eta of them by Pareto rank in full; screened-out trials "
+            "are 'pruned' and never on a front (default 0: off). Kept when the study resumes.",
+        ),
+    ] = None,
+    screen_eta: Annotated[
+        int | None,
+        typer.Option(min=2, help="One screened candidate in this many goes on to the full evaluation (default 3)."),
+    ] = None,
     steps: Annotated[int, typer.Option(min=2, help="num_inference_steps of the reference setting.")] = 20,
     samples: Annotated[int, typer.Option(min=2, help="Calibration samples per trial (prompts × seeds).")] = 20,
     batch_size: Annotated[
@@ -550,6 +567,8 @@ def calibrate(
             batch_size=batch_size,
             population=population,
             memo=memo,
+            screen=screen,
+            screen_eta=screen_eta,
             pipeline_class=pipeline_class,
             config=config,
             objectives=[objectives] if objectives else None,

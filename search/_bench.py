@@ -36,7 +36,17 @@ from typing import Any
 
 from difftune.benchmarks import Figure, register_benchmark
 
-__all__ = ["HV_REFERENCE_POINT", "MATCH_DB", "MATCH_SPEEDUP", "bench_front", "bench_store", "split_points"]
+__all__ = [
+    "HV_REFERENCE_POINT",
+    "MATCH_DB",
+    "MATCH_SPEEDUP",
+    "bench_front",
+    "bench_search",
+    "bench_store",
+    "evaluations_to_reach",
+    "hypervolume_curve",
+    "split_points",
+]
 
 #: (speedup, PSNR dB): the hypervolume's reference point — no faster than the reference, 20 dB.
 HV_REFERENCE_POINT = (1.0, 20.0)
@@ -260,3 +270,178 @@ def bench_store(budget: int = 16, samples: int = 20, steps: int = 20, n: int = 1
             f"front of {front.front_size} points; filling the study took {front.fill_s:.1f} s",
         ),
     ]
+
+
+# ---- bench search -------------------------------------------------------------------------------
+
+
+def _full_evaluations(trials: Sequence[Any]) -> list[Any]:
+    """The trials that cost a full evaluation, in the order they finished: complete, measured (not
+    copied from a memoised trial), with full-fidelity figures."""
+    measured = [t for t in trials if t.values() and not (t.config or {}).get("memo_of")]
+    return sorted(measured, key=lambda t: (t.finished_at, t.number))
+
+
+def hypervolume_curve(specs: Sequence[Any], trials: Sequence[Any]) -> list[float]:
+    """The hypervolume of the first k full evaluations, for k = 1 … len(trials)."""
+    from difftune.search.runner import front_hypervolume
+
+    return [front_hypervolume(specs, trials[: k + 1]) for k in range(len(trials))]
+
+
+def evaluations_to_reach(curve: Sequence[float], target: float) -> int | None:
+    """The number of full evaluations after which ``curve`` first reaches ``target`` (None: never)."""
+    for k, value in enumerate(curve):
+        if value >= target * (1 - 1e-12):
+            return k + 1
+    return None
+
+
+def _best_at_floor(trials: Sequence[Any], floor: float = PSNR_FLOOR) -> tuple[float, str]:
+    fast = [(t.values()["speedup"], _name(t)) for t in trials if t.values().get("psnr", -math.inf) >= floor]
+    return max(fast) if fast else (math.nan, "none")
+
+
+def _random_start_ecad() -> Any:
+    """ECAD's genome and operators with no hand-made generation 0: pymoo's random bit strings."""
+    from difftune.spaces.ecad import EcadSpace
+
+    class RandomStartEcad(EcadSpace):
+        def baselines(self, context: Any) -> list[Any]:
+            return []
+
+        def seeds(self, context: Any) -> list[Any]:
+            return []
+
+    return RandomStartEcad()
+
+
+@register_benchmark("search")
+def bench_search(
+    budget: int = 96,
+    seeded_budget: int = 60,
+    screen: int = 4,
+    population: int = 24,
+    samples: int = 20,
+    steps: int = 20,
+    seed: int = 0,
+    space_budget: int = 8,
+    spaces: Sequence[str] = ("bac", "harmonica"),
+    progress: Any = None,
+    storage_dir: str | None = None,
+) -> list[Figure]:
+    """Hypervolume against full evaluations: (a) random-initialised NSGA-II on ECAD's genome, (b) seeded
+    NSGA-II with multi-fidelity screening and memoisation; and each space's best speedup at 30 dB."""
+    import difftune
+    from difftune.search.runner import front_hypervolume, run_study
+    from difftune.store import get_store
+
+    def study_trials(url: str, name: str) -> list[Any]:
+        with get_store(url) as store:
+            return store.list_trials(name)
+
+    pipe = difftune.load_pipeline("embedded")
+    pipe.set_progress_bar_config(disable=True)
+    common = {"pipeline": pipe, "num_inference_steps": steps, "samples": samples, "seed": seed, "progress": progress}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(storage_dir or tmp)
+        # (a) and (b) in stores of their own: neither may reuse the other's measurements.
+        started = time.perf_counter()
+        a_url = f"sqlite:///{root / 'bench_search_random.db'}"
+        a = run_study(
+            "embedded",
+            _random_start_ecad(),
+            budget=budget,
+            study="random",
+            storage=a_url,
+            population=population,
+            **common,
+        )
+        a_s = time.perf_counter() - started
+        started = time.perf_counter()
+        b_url = f"sqlite:///{root / 'bench_search_seeded.db'}"
+        run_study(
+            "embedded",
+            "ecad",
+            budget=seeded_budget,
+            study="seeded",
+            storage=b_url,
+            population=population,
+            screen=screen,
+            **common,
+        )
+        b_s = time.perf_counter() - started
+        a_trials, b_trials = study_trials(a_url, "random"), study_trials(b_url, "seeded")
+        others: dict[str, tuple[list[Any], float]] = {}
+        for name in spaces:
+            started = time.perf_counter()
+            url = f"sqlite:///{root / f'bench_search_{name}.db'}"
+            run_study("embedded", name, budget=space_budget, study=name, storage=url, **common)
+            others[name] = (study_trials(url, name), time.perf_counter() - started)
+
+    specs = a.objectives
+    a_full, b_full = _full_evaluations(a_trials), _full_evaluations(b_trials)
+    a_curve, b_curve = hypervolume_curve(specs, a_full), hypervolume_curve(specs, b_full)
+    a_final = a_curve[-1] if a_curve else 0.0
+    reached = evaluations_to_reach(b_curve, a_final)
+    searched = split_points(b_full)[1]
+    hv_hand = front_hypervolume(specs, [t for t in b_full if t.kind in ("baseline", "seed")])
+    hv_searched = front_hypervolume(specs, searched)
+    first_searched = next((k + 1 for k, t in enumerate(b_full) if t.kind in ("searched", "retry")), None)
+    pruned = sum(t.state.value == "pruned" for t in b_trials)
+    memoised = sum(bool((t.config or {}).get("memo_of")) for t in b_trials)
+    figures = [
+        Figure(
+            "full evaluations for seeded + screened NSGA-II to reach random NSGA-II's final HV ÷ random's",
+            (reached / len(a_full)) if reached and a_full else math.nan,
+            "<= 0.25",
+            f"(a) random start: HV {a_final:.3f} after {len(a_full)} evaluations ({a_s:.0f} s); (b) reached it at "
+            f"evaluation {reached if reached else 'never'} of {len(b_full)} ({b_s:.0f} s; its first "
+            f"{first_searched - 1 if first_searched else len(b_full)} evaluations are the hand-made baselines and "
+            f"seeds, whose HV alone is {hv_hand:.3f}); seed {seed}, population {population}, {steps} steps, "
+            f"{samples} samples",
+        ),
+        Figure(
+            "(b) final HV ÷ (a) final HV",
+            (b_curve[-1] / a_final) if b_curve and a_final > 0 else math.nan,
+            "",
+            f"(b) {seeded_budget} trials: {len(b_full)} full evaluations, {pruned} screened out on {screen} samples, "
+            f"{memoised} memoised; HV {b_curve[-1] if b_curve else 0:.3f}",
+        ),
+        Figure(
+            "(b) HV of the searched points alone ÷ HV of its hand-made points (baselines + seeds)",
+            hv_searched / hv_hand if hv_hand > 0 else math.nan,
+            "",
+            f"{len(searched)} searched points measured in full: HV {hv_searched:.3f} vs {hv_hand:.3f}",
+        ),
+    ]
+    # One yardstick for every space: the best of the hand-made schedules (FORA, Δ-DiT, T-GATE-like, evenly
+    # spaced; the identity is the reference itself) that the seeded ecad study measured.
+    best_made, made_name = _best_at_floor(split_points([t for t in b_full if t.kind == "baseline"])[0])
+    for trials, label in (
+        (b_full, "seeded ecad"),
+        (a_full, "random-start ecad"),
+        *((_full_evaluations(ts), n) for n, (ts, _) in others.items()),
+    ):
+        best_found, best_name = _best_at_floor(split_points(trials)[1])
+        figures.append(
+            Figure(
+                f"{label}: best searched speedup at PSNR >= {PSNR_FLOOR:g} dB ÷ best hand-made baseline's",
+                best_found / best_made if best_made > 0 else math.nan,
+                "",
+                f"{best_name} {best_found:.2f}x vs {made_name} {best_made:.2f}x (calibration figures)",
+            )
+        )
+    if "harmonica" in others:
+        trials, seconds = others["harmonica"]
+        trained = {round(t.params.get("l1", 0), 12) for t in trials if t.params and "l1" in t.params}
+        figures.append(
+            Figure(
+                "harmonica study wall time (s), router training included",
+                seconds,
+                "",
+                f"{len(trials)} trials, {len(trained)} distinct l1 values (one router each, cached on disk: a "
+                f"router trained by an earlier run is not trained again)",
+            )
+        )
+    return figures

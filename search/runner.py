@@ -339,6 +339,9 @@ class _Job:
     reference_thumbnails: bool = False
     #: what a trial's memo key covers beside its profile (None: memoisation off, every trial runs)
     memo_context: dict[str, Any] | None = None
+    #: multi-fidelity: calibration samples of the screening rung (0: off) and the share that goes on
+    screen: int = 0
+    screen_eta: int = 3
 
 
 def _metric_context(pipe: Any, info: Any) -> Any:
@@ -511,6 +514,8 @@ def _job(
         worker=worker,
         constraints=tuple(parse_constraint(c) for c in settings.constraints),
         memo_context=_memo_context(settings, context, device, latency) if memo else None,
+        screen=settings.screen,
+        screen_eta=settings.screen_eta,
     )
 
 
@@ -610,7 +615,9 @@ def _memo_context(settings: Any, context: Any, device: str, latency: Any) -> dic
     study's call and calibration samples, the metrics, how latency is timed, and the libraries' versions."""
     from difftune.search.settings import device_name, device_type
 
-    stored = {k: v for k, v in settings.to_dict().items() if k not in ("device", "population", "not_measured")}
+    # How candidates are chosen (the population, screening) does not change what a full evaluation measures.
+    chosen = ("device", "population", "screen", "screen_eta", "not_measured")
+    stored = {k: v for k, v in settings.to_dict().items() if k not in chosen}
     return {
         "fingerprint": context.info.fingerprint,
         "device": [device_type(device), device_name(device)],
@@ -672,6 +679,11 @@ def _evaluate_trial(job: _Job, trial: Any, sections_of: Callable[[], Mapping[str
             reference = job.reference
             handle = apply_profile(job.pipe, profile)
             try:
+                if job.screen:
+                    stopped = _screen(job, trial, profile)
+                    if stopped is not None:
+                        job.timings["evaluation_s"] += time.perf_counter() - started
+                        return job.store.set_trial_state(trial.id, TrialState.PRUNED, error=stopped)
                 measured = evaluate(
                     job.pipe,
                     job.samples,
@@ -699,6 +711,88 @@ def _evaluate_trial(job: _Job, trial: Any, sections_of: Callable[[], Mapping[str
     record = job.store.set_trial_state(trial.id, TrialState.COMPLETE, metrics=values, memo_key=key)
     _store_thumbnails(job, record, thumbnails)
     return record
+
+
+#: The rung of the screening evaluation (the full one is rung 0).
+SCREEN_RUNG = -1
+
+
+def _screen_metrics(job: _Job) -> list[str]:
+    """What the screening rung measures: the objectives and the constraints' metrics (not the extras)."""
+    wanted = [s.name for s in job.specs] + [c.metric for c in job.constraints]
+    return [n for n in dict.fromkeys(wanted) if n != "speedup_spread"]
+
+
+def _screen(job: _Job, trial: Any, profile: Any) -> str | None:
+    """Measure the applied ``profile`` at the screening rung, store those figures at rung -1, and return
+    why the trial stops there, or None when it goes on to the full evaluation.
+
+    Successive halving by Pareto rank, asynchronously (as MO-ASHA): a candidate goes on when fewer than
+    ``1/eta`` of the study's screened points lie in better non-dominated fronts than its own. Speed at
+    this rung is one timed call of the screening samples against the reference's (re-timed once per
+    trial, fastest kept): cheap, and comparable across the candidates of the rung. Hand-made points
+    (baselines, seeds) are screened too, so the rung has their figures to compare with, and always go on.
+    """
+    from difftune.errors import EvaluationError
+    from difftune.evaluators import LatencyOptions, evaluate
+
+    names = _screen_metrics(job)
+    measured = evaluate(
+        job.pipe,
+        job.samples[: job.screen],
+        job.reference,
+        metrics=names,
+        latency=LatencyOptions(warmup=0, repeats=1, batch_size=job.screen, statistic="min", reuse_reference=True),
+        call_kwargs={"num_inference_steps": profile.context.num_inference_steps},
+    )
+    values = {k: float(v) for k, v in measured.items() if v is not None}
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise EvaluationError(f"metric {name} produced {'NaN' if math.isnan(value) else 'inf'} on screening")
+    job.store.record_metrics(trial.id, values, rung=SCREEN_RUNG)
+    if trial.kind in ("baseline", "seed"):
+        return None
+    return _screened_out(job, trial.id, values)
+
+
+def _screened_out(job: _Job, trial_id: int, values: Mapping[str, float]) -> str | None:
+    """Why the candidate ``trial_id`` (screened at ``values``) stops at the screening rung, or None."""
+    import numpy as np
+    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+    from difftune.store import TrialState
+
+    def row(key: int, screened: Mapping[str, float]) -> tuple[int, list[float], bool]:
+        loss = [-screened[s.name] if s.direction == "maximize" else screened[s.name] for s in job.specs]
+        feasible = all(c.violation(screened[c.metric]) <= 0 for c in job.constraints if c.metric in screened)
+        return key, loss, feasible
+
+    rows = [row(trial_id, values)]
+    for t in job.store.list_trials(job.study.id, [TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING]):
+        screened = t.values(rung=SCREEN_RUNG)
+        if t.id != trial_id and all(s.name in screened for s in job.specs):
+            rows.append(row(t.id, screened))
+    eta, n = job.screen_eta, len(rows)
+    if n < eta:
+        return None  # too few screened points to rank against
+    keep = math.ceil(n / eta)
+    mine = next(r for r in rows if r[0] == trial_id)
+    if not mine[2]:
+        return f"screened out on {job.screen} samples: it misses a constraint there"
+    feasible = [r for r in rows if r[2]]
+    fronts = NonDominatedSorting().do(np.array([r[1] for r in feasible], dtype=float))
+    index = [r[0] for r in feasible].index(trial_id)
+    better = 0
+    for front in fronts:
+        if index in front:
+            break
+        better += len(front)
+    if better < keep:
+        return None
+    return (
+        f"screened out on {job.screen} samples: {better} of {n} screened points lie in better fronts "
+        f"(the best 1/{eta}, {keep}, go on)"
+    )
 
 
 def _run_trials(job: _Job, progress: Callable[[RunProgress], None] | None, max_trials: int | None = None) -> int:
@@ -800,7 +894,8 @@ def _history(job: _Job) -> list[Any]:
     from difftune.store import TrialState
 
     out = []
-    for t in job.store.list_trials(job.study.id, [TrialState.COMPLETE, TrialState.FAILED]):
+    # A screened-out trial is, for the searcher, a failed one: it never survives selection.
+    for t in job.store.list_trials(job.study.id, [TrialState.COMPLETE, TrialState.FAILED, TrialState.PRUNED]):
         if not t.params:
             continue
         values = t.values() if t.state is TrialState.COMPLETE else {}
@@ -823,6 +918,15 @@ def _result(job: _Job, before: int, ran: int) -> RunResult:
         study_rec = store.set_study_status(study_id, "finished")
     else:
         study_rec = store.get_study(study_id)
+    if job.screen:
+        pruned, complete = (
+            store.count_trials(study_id, TrialState.PRUNED),
+            store.count_trials(study_id, TrialState.COMPLETE),
+        )
+        job.notes.append(
+            f"screening on {job.screen} of {len(job.samples)} samples: {pruned} candidates stopped there (pruned), "
+            f"{complete} measured in full"
+        )
     return RunResult(
         study=study_rec,
         front=front,
@@ -843,7 +947,7 @@ def _result(job: _Job, before: int, ran: int) -> RunResult:
 
 def run_study(
     model: str | Any = "embedded",
-    space: str = "cache",
+    space: str | Any = "cache",
     *,
     budget: int | None = None,
     study: str | None = None,
@@ -872,6 +976,8 @@ def run_study(
     config: str | None = None,
     population: int | None = None,
     memo: bool = True,
+    screen: int | None = None,
+    screen_eta: int | None = None,
     on_start: Callable[[Any], None] | None = None,
 ) -> RunResult:
     """Run or resume a study until the store holds ``budget`` finished trials, then record its front.
@@ -879,7 +985,9 @@ def run_study(
     Args:
         model: ``"embedded"`` (default), a pipeline directory, a single-file checkpoint or a hub id in
             the local cache (:func:`difftune.load_pipeline`).
-        space: a search space name (:func:`difftune.spaces.get_space`).
+        space: a search space name (:func:`difftune.spaces.get_space`), or a configured
+            :class:`~difftune.spaces.Space` instance (the study stores its name; workers rebuild the
+            registered space of that name).
         budget: finished trials (complete or failed; interrupted ones are retried, not counted) the
             study must hold (default: the space's ``default_budget``); it is stored with the study, so
             :func:`run_worker` processes stop there too, and rerunning with a larger budget resumes and
@@ -919,6 +1027,10 @@ def run_study(
             the same profile in the same context (model weights, device, dtype, call, samples, metrics,
             timing, library versions) instead of measuring it again (:func:`memo_key`); False measures
             every trial.
+        screen: multi-fidelity: measure every candidate first on this many calibration samples and only
+            the best ``1/screen_eta`` by Pareto rank there in full (:func:`_screen`); 0 or None (a new
+            study): off. Chosen when the study is created, kept on resume.
+        screen_eta: the reduction factor of that screening (default 3).
         on_start: called with the resolved :class:`~difftune.search.settings.StudySettings` once the
             inputs are checked, before any trial runs (the CLI prints the device).
 
@@ -940,7 +1052,10 @@ def run_study(
     from difftune.spaces import get_space
     from difftune.store import parse_constraint
 
-    space_obj = get_space(space)
+    if isinstance(space, str):
+        space_obj = get_space(space)
+    else:  # a configured Space instance (e.g. a benchmark's variant); the study stores its name
+        space_obj, space = space, str(space.name)
     if budget is None:
         budget = space_obj.default_budget
     searcher_name = searcher or space_obj.default_searcher
@@ -974,6 +1089,8 @@ def run_study(
         nfe_range=(lo, hi),
         latency_repeats=latency_repeats,
         population=population,
+        screen=screen or 0,
+        screen_eta=3 if screen_eta is None else screen_eta,
     )
     pipe, info = _prepare_pipeline(settings, pipeline)
     chosen_objectives = requested if requested is not None else default_objectives(info.family)
@@ -1003,6 +1120,9 @@ def run_study(
         changed = stored.differences(settings)
         if asked_population is not None and stored.population != asked_population:
             changed["population"] = (stored.population, asked_population)
+        for name, asked in (("screen", screen), ("screen_eta", screen_eta)):
+            if asked is not None and getattr(stored, name) != asked:
+                changed[name] = (getattr(stored, name), asked)
         if changed:
             detail = "; ".join(f"{k} {old!r} (asked {new!r})" for k, (old, new) in changed.items())
             raise StoreError(

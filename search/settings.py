@@ -181,6 +181,12 @@ class StudySettings:
         latency_repeats: timed calls per side for ``speedup``.
         population: individuals per generation of a generation-based searcher (NSGA-II); None: the
             searcher's own default. Chosen when the study is created and kept when it resumes.
+        screen: multi-fidelity: every candidate is first measured on this many calibration samples
+            (its quality objectives, and its speed from one timed call against the reference's), and
+            only those in the top ``1/screen_eta`` by Pareto rank among the study's screened points
+            are measured in full; 0 (default): every candidate is measured in full.
+        screen_eta: successive halving's reduction factor: one screened candidate in ``screen_eta``
+            goes on to the full evaluation.
     """
 
     model: str = "embedded"
@@ -203,6 +209,8 @@ class StudySettings:
     nfe_range: tuple[int, int] = (3, 12)
     latency_repeats: int = 3
     population: int | None = None
+    screen: int = 0
+    screen_eta: int = 3
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -211,6 +219,13 @@ class StudySettings:
         _positive_int("latency_repeats", self.latency_repeats, 1)
         if self.population is not None:
             _positive_int("--population", self.population, 2)
+        _positive_int("--screen", self.screen, 0)
+        _positive_int("--screen-eta", self.screen_eta, 2)
+        if self.screen >= self.samples:
+            raise DifftuneError(
+                f"--screen {self.screen}: screening must use fewer samples than the full evaluation "
+                f"(--samples {self.samples}); 0 turns screening off"
+            )
         if self.batch_size is not None:
             _positive_int("--batch-size", self.batch_size, 1)
         for name in ("height", "width"):

@@ -95,6 +95,7 @@ def fill_study(store: Store, study: int | str, n: int, *, seed: int = 0, batch: 
                 "unit": unit,
                 "direction": direction,
                 "split": "calibration",
+                "rung": 0,
             }
             for i in range(lo, hi)
             for name, column, unit, direction in metrics

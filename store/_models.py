@@ -172,13 +172,16 @@ class TrialMetricModel(Base):
     unit: Mapped[str] = mapped_column(String(32))
     direction: Mapped[str] = mapped_column(String(8))
     split: Mapped[str] = mapped_column(String(16))
+    # 0: the full evaluation; -1: a multi-fidelity study's screening on a prefix of the calibration set.
+    rung: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
     __table_args__ = (
-        UniqueConstraint("trial_id", "split", "name"),
-        # Covering index of the front query: (study, split, metric) -> (trial, value) without table reads.
-        Index("ix_difftune_trial_metrics_front", "study_id", "split", "name", "trial_id", "value"),
+        UniqueConstraint("trial_id", "split", "rung", "name"),
+        # Covering index of the front query: (study, split, rung, metric) -> (trial, value) without table reads.
+        Index("ix_difftune_trial_metrics_front", "study_id", "split", "rung", "name", "trial_id", "value"),
         CheckConstraint("direction IN ('minimize', 'maximize')", name="direction"),
         CheckConstraint("split IN ('calibration', 'held_out')", name="split"),
+        CheckConstraint("rung <= 0", name="rung"),
     )
 
 

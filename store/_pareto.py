@@ -6,7 +6,7 @@ since pymoo 0.6.2: 0.14 s for 100,000 random 3-objective points here) and
 ``pymoo.indicators.hv.HV``.
 
 The front query reads, per metric, one range of the covering index
-``ix_difftune_trial_metrics_front`` (study, split, metric → trial, value) and the ids of the
+``ix_difftune_trial_metrics_front`` (study, split, rung, metric → trial, value) and the ids of the
 study's complete trials, and joins them in NumPy: no ORM objects until the few front trials are
 turned into records.
 """
@@ -163,7 +163,7 @@ def _check_recorded(session: Session, study_id: int, split: str, names: Sequence
     """Raise when a front asks for a metric this study never recorded (the message lists those it has)."""
     recorded = session.scalars(
         select(TrialMetricModel.name)
-        .where(TrialMetricModel.study_id == study_id, TrialMetricModel.split == split)
+        .where(TrialMetricModel.study_id == study_id, TrialMetricModel.split == split, TrialMetricModel.rung == 0)
         .distinct()
         .order_by(TrialMetricModel.name)
     ).all()
@@ -181,6 +181,7 @@ def _spreads(session: Session, study_id: int, trial_ids: np.ndarray, split: str)
         select(table.c.trial_id, table.c.value).where(
             table.c.study_id == study_id,
             table.c.split == split,
+            table.c.rung == 0,
             table.c.name == "speedup_spread",
             table.c.trial_id.in_([int(i) for i in trial_ids]),
         )
@@ -207,21 +208,28 @@ def front_trial_ids(
     rules = [parse_constraint(c) for c in constraints]
     names = list(dict.fromkeys([o.name for o in objectives] + [c.metric for c in rules]))
 
-    # One row per complete trial that has every metric: the first metric's range of the covering
-    # index, joined to the others through the unique (trial, split, name) index.
+    # One row per complete trial that has every metric at full fidelity (rung 0; a multi-fidelity
+    # study's screening values never make a front): the first metric's range of the covering index,
+    # joined to the others through the unique (trial, split, rung, name) index.
     metrics = [TrialMetricModel.__table__.alias(f"m{k}") for k in range(len(names))]
     trials = TrialModel.__table__
     first = metrics[0]
     joined: FromClause = first
     for name, table in zip(names[1:], metrics[1:], strict=True):
         joined = joined.join(
-            table, and_(table.c.trial_id == first.c.trial_id, table.c.split == split, table.c.name == name)
+            table,
+            and_(
+                table.c.trial_id == first.c.trial_id,
+                table.c.split == split,
+                table.c.rung == 0,
+                table.c.name == name,
+            ),
         )
     joined = joined.join(trials, and_(trials.c.id == first.c.trial_id, trials.c.state == TrialState.COMPLETE.value))
     statement = (
         select(first.c.trial_id, *(table.c.value for table in metrics))
         .select_from(joined)
-        .where(first.c.study_id == study_id, first.c.split == split, first.c.name == names[0])
+        .where(first.c.study_id == study_id, first.c.split == split, first.c.rung == 0, first.c.name == names[0])
     )
     rows = _fetch_all(session, statement)
     if not rows:

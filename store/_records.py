@@ -52,6 +52,11 @@ CALIBRATION = "calibration"
 HELD_OUT = "held_out"
 SPLITS = (CALIBRATION, HELD_OUT)
 
+#: The rung of a full evaluation. A multi-fidelity study first screens a candidate on a prefix of the
+#: calibration set: those metrics are stored at rung -1 (a cheaper rung would be -2), and only rung 0
+#: counts for fronts, selection and export.
+FULL_RUNG = 0
+
 
 class TrialState(str, Enum):
     """Where a trial is in its life; every state but ``RUNNING`` is final.
@@ -179,6 +184,8 @@ class MetricRecord:
     unit: str
     direction: Direction
     split: str = CALIBRATION
+    #: :data:`FULL_RUNG`, or a negative screening rung
+    rung: int = FULL_RUNG
 
     def __post_init__(self) -> None:
         if not isinstance(self.value, (int, float)) or isinstance(self.value, bool):
@@ -189,31 +196,38 @@ class MetricRecord:
             raise StoreError(f"metric {self.name}: direction must be 'minimize' or 'maximize', got {self.direction!r}")
         if self.split not in SPLITS:
             raise StoreError(f"metric {self.name}: split must be one of {', '.join(SPLITS)}, got {self.split!r}")
+        if isinstance(self.rung, bool) or not isinstance(self.rung, int) or self.rung > FULL_RUNG:
+            raise StoreError(
+                f"metric {self.name}: rung must be 0 (full) or a negative screening rung, got {self.rung!r}"
+            )
 
     @classmethod
-    def known(cls, name: str, value: float, split: str = CALIBRATION) -> MetricRecord:
+    def known(cls, name: str, value: float, split: str = CALIBRATION, rung: int = FULL_RUNG) -> MetricRecord:
         """A value of one of the :data:`METRICS`, with that metric's direction and unit."""
         spec = metric_spec(name)
-        return cls(name, float(value), spec.unit, spec.direction, split)
+        return cls(name, float(value), spec.unit, spec.direction, split, rung)
 
     @classmethod
     def collect(
-        cls, metrics: Mapping[str, float | MetricRecord] | Iterable[MetricRecord], split: str = CALIBRATION
+        cls,
+        metrics: Mapping[str, float | MetricRecord] | Iterable[MetricRecord],
+        split: str = CALIBRATION,
+        rung: int = FULL_RUNG,
     ) -> list[MetricRecord]:
         """Normalise ``{name: value}`` (known metrics) or records into a list without duplicate names."""
         items: list[MetricRecord] = []
         if isinstance(metrics, Mapping):
             for name, value in metrics.items():
-                items.append(value if isinstance(value, MetricRecord) else cls.known(str(name), value, split))
+                items.append(value if isinstance(value, MetricRecord) else cls.known(str(name), value, split, rung))
         else:
             items = list(metrics)
-        seen: set[tuple[str, str]] = set()
+        seen: set[tuple[str, str, int]] = set()
         for item in items:
             if not isinstance(item, MetricRecord):
                 raise StoreError(f"metrics: expected MetricRecord or a {{name: value}} mapping, got {item!r}")
-            key = (item.name, item.split)
+            key = (item.name, item.split, item.rung)
             if key in seen:
-                raise StoreError(f"metric {item.name} ({item.split}) given twice")
+                raise StoreError(f"metric {item.name} ({item.split}, rung {item.rung}) given twice")
             seen.add(key)
         return items
 
@@ -271,23 +285,28 @@ class TrialRecord:
     #: hash of the applied profile and the measurement's context (complete trials since v0.5.0.a)
     memo_key: str | None = None
 
-    def values(self, split: str = CALIBRATION) -> dict[str, float]:
-        """``{metric: value}`` measured on ``split``."""
-        return {m.name: m.value for m in self.metrics if m.split == split}
+    def values(self, split: str = CALIBRATION, rung: int = FULL_RUNG) -> dict[str, float]:
+        """``{metric: value}`` measured on ``split`` (at ``rung``: the full evaluation by default)."""
+        return {m.name: m.value for m in self.metrics if m.split == split and m.rung == rung}
 
-    def value(self, name: str, split: str = CALIBRATION) -> float | None:
+    def value(self, name: str, split: str = CALIBRATION, rung: int = FULL_RUNG) -> float | None:
         """The value of metric ``name`` on ``split``, or ``None`` when it was not measured."""
         for m in self.metrics:
-            if m.name == name and m.split == split:
+            if m.name == name and m.split == split and m.rung == rung:
                 return m.value
         return None
 
-    def metric(self, name: str, split: str = CALIBRATION) -> MetricRecord | None:
+    def metric(self, name: str, split: str = CALIBRATION, rung: int = FULL_RUNG) -> MetricRecord | None:
         """The full record (unit, direction) of metric ``name`` on ``split``, or ``None``."""
         for m in self.metrics:
-            if m.name == name and m.split == split:
+            if m.name == name and m.split == split and m.rung == rung:
                 return m
         return None
+
+    @property
+    def rungs(self) -> tuple[int, ...]:
+        """The rungs this trial has metrics at, cheapest first (``(-1, 0)``: screened, then promoted)."""
+        return tuple(sorted({m.rung for m in self.metrics}))
 
 
 @dataclass(frozen=True)

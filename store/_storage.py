@@ -47,6 +47,7 @@ from difftune.store._models import (
 )
 from difftune.store._records import (
     CALIBRATION,
+    FULL_RUNG,
     FrontRecord,
     ImageRecord,
     MetricRecord,
@@ -145,7 +146,7 @@ def _check_kind(kind: str) -> None:
 
 
 def _metric_record(row: Any) -> MetricRecord:
-    return MetricRecord(row.name, row.value, row.unit, row.direction, row.split)  # type: ignore[arg-type]
+    return MetricRecord(row.name, row.value, row.unit, row.direction, row.split, row.rung)  # type: ignore[arg-type]
 
 
 def _front_record(row: FrontModel) -> FrontRecord:
@@ -170,6 +171,7 @@ _METRIC_COLUMNS = (
     TrialMetricModel.unit,
     TrialMetricModel.direction,
     TrialMetricModel.split,
+    TrialMetricModel.rung,
 )
 
 
@@ -289,7 +291,9 @@ class Store(ClaimsMixin):
             rows = session.execute(
                 select(*_METRIC_COLUMNS)
                 .where(TrialMetricModel.trial_id.in_(chunk))
-                .order_by(TrialMetricModel.trial_id, TrialMetricModel.split, TrialMetricModel.name)
+                .order_by(
+                    TrialMetricModel.trial_id, TrialMetricModel.split, TrialMetricModel.rung, TrialMetricModel.name
+                )
             )
             for row in rows:
                 out[row.trial_id].append(_metric_record(row))
@@ -531,12 +535,12 @@ class Store(ClaimsMixin):
         if not metrics:
             return
         stored = {
-            (m.name, m.split): m
+            (m.name, m.split, m.rung): m
             for m in session.scalars(select(TrialMetricModel).where(TrialMetricModel.trial_id == row.id))
         }
         new = []
         for metric in metrics:
-            old = stored.get((metric.name, metric.split))
+            old = stored.get((metric.name, metric.split, metric.rung))
             if old is None:
                 new.append(
                     {
@@ -547,6 +551,7 @@ class Store(ClaimsMixin):
                         "unit": metric.unit,
                         "direction": metric.direction,
                         "split": metric.split,
+                        "rung": metric.rung,
                     }
                 )
             elif (old.value, old.unit, old.direction) != (metric.value, metric.unit, metric.direction):
@@ -568,6 +573,7 @@ class Store(ClaimsMixin):
         error: str | None = None,
         split: str = CALIBRATION,
         memo_key: str | None = None,
+        rung: int = FULL_RUNG,
     ) -> TrialRecord:
         """Finish a running trial, storing its metrics (and the reason it failed) in the same transaction.
 
@@ -583,7 +589,7 @@ class Store(ClaimsMixin):
             StoreError: unknown trial or state, a failed trial without a reason, a finished trial.
         """
         target = TrialState.parse(state)
-        items = [] if metrics is None else MetricRecord.collect(metrics, split)
+        items = [] if metrics is None else MetricRecord.collect(metrics, split, rung)
         if target is TrialState.FAILED and not error:
             raise StoreError(f"trial {trial_id}: a failed trial needs its reason (error='...')")
         with self._session("cannot update a trial in", write=True) as session:
@@ -624,14 +630,21 @@ class Store(ClaimsMixin):
             return _trial_record(row, self._metrics_of(session, [row.id])[row.id])
 
     def record_metrics(
-        self, trial_id: int, metrics: MetricsLike, *, split: str = CALIBRATION, replace: bool = False
+        self,
+        trial_id: int,
+        metrics: MetricsLike,
+        *,
+        split: str = CALIBRATION,
+        replace: bool = False,
+        rung: int = FULL_RUNG,
     ) -> TrialRecord:
-        """Add metrics to a trial without changing its state (e.g. held-out values measured later).
+        """Add metrics to a trial without changing its state (e.g. held-out values measured later, or a
+        running trial's screening values at ``rung`` -1).
 
         A metric already stored with the same value is left alone (retry-safe); another value raises
         unless ``replace``.
         """
-        items = MetricRecord.collect(metrics, split)
+        items = MetricRecord.collect(metrics, split, rung)
         with self._session("cannot record metrics in", write=True) as session:
             row = self._trial_row(session, trial_id)
             self._write_metrics(session, row, items, replace=replace)
@@ -686,7 +699,9 @@ class Store(ClaimsMixin):
                 metric_rows = session.execute(
                     select(*_METRIC_COLUMNS)
                     .where(TrialMetricModel.study_id == study_id)
-                    .order_by(TrialMetricModel.trial_id, TrialMetricModel.split, TrialMetricModel.name)
+                    .order_by(
+                        TrialMetricModel.trial_id, TrialMetricModel.split, TrialMetricModel.rung, TrialMetricModel.name
+                    )
                 )
                 for m in metric_rows:
                     if m.trial_id in metrics:

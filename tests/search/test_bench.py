@@ -65,3 +65,47 @@ def test_seeds_count_among_the_hand_made_points_not_the_searched_ones():
     ]
     hand_made, searched = split_points(trials)
     assert [t.number for t in hand_made] == [1, 2] and [t.number for t in searched] == [3, 4]
+
+
+def test_hypervolume_curve_and_when_it_reaches_a_target():
+    from types import SimpleNamespace
+
+    from difftune.search._bench import evaluations_to_reach, hypervolume_curve
+    from difftune.store import MetricSpec
+
+    specs = (MetricSpec.parse("speedup"), MetricSpec.parse("psnr"))
+
+    def trial(speedup: float, psnr: float) -> SimpleNamespace:
+        return SimpleNamespace(values=lambda: {"speedup": speedup, "psnr": psnr})
+
+    # HV against (1×, 20 dB): 10, then + 1 × 5 = 15, then a dominated point adds nothing, then 3 × 20 = 60.
+    curve = hypervolume_curve(specs, [trial(2, 30), trial(3, 25), trial(1.5, 22), trial(4, 40)])
+    assert curve == pytest.approx([10.0, 15.0, 15.0, 60.0])
+    assert evaluations_to_reach(curve, 15.0) == 2
+    assert evaluations_to_reach(curve, 16.0) == 4
+    assert evaluations_to_reach(curve, 61.0) is None
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_bench_search_runs_both_arms_in_stores_of_their_own(tmp_path):
+    from difftune.search._bench import bench_search
+    from difftune.store import TrialState, get_store
+
+    figures = bench_search(
+        budget=6, seeded_budget=16, screen=1, population=4, samples=2, steps=4, spaces=(), storage_dir=str(tmp_path)
+    )
+    by_name = {f.name.split(":")[0]: f for f in figures}
+    reach = figures[0]
+    assert reach.target == "<= 0.25" and "(a) random start" in reach.detail
+    with get_store(f"sqlite:///{tmp_path / 'bench_search_random.db'}") as store:
+        random_trials = store.list_trials("random")
+        assert {t.kind for t in random_trials} == {"searched"}  # no hand-made generation 0
+        assert len(random_trials) == 6
+    with get_store(f"sqlite:///{tmp_path / 'bench_search_seeded.db'}") as store:
+        seeded = store.list_trials("seeded")
+        assert {"baseline", "seed"} <= {t.kind for t in seeded}
+        # every candidate was screened, but for copies of a trial measured before (memoised: no evaluation)
+        assert all(t.values(rung=-1) for t in seeded if not t.config.get("memo_of"))
+        pruned = [t for t in seeded if t.state is TrialState.PRUNED]
+    assert f"{len(pruned)} screened out on 1 samples" in figures[1].detail
+    assert {"seeded ecad", "random-start ecad"} <= set(by_name)

@@ -264,6 +264,26 @@ class StoreContract:
         with pytest.raises(StoreError, match="split must be one of calibration, held_out"):
             store.record_metrics(done.id, {"psnr": 1.0}, split="test")
 
+    def test_screening_rung_metrics_live_beside_the_full_ones_and_never_make_a_front(self, store: Store) -> None:
+        study = make_study(store)
+        # A promoted trial: screened (rung -1), then measured in full (rung 0) with other values.
+        promoted = store.add_trial(study.id, {"x": 1})
+        store.record_metrics(promoted.id, {"speedup": 9.0, "psnr": 99.0}, rung=-1)
+        done = store.set_trial_state(promoted.id, "complete", metrics={"speedup": 2.0, "psnr": 30.0})
+        assert done.values() == {"speedup": 2.0, "psnr": 30.0}
+        assert done.values(rung=-1) == {"speedup": 9.0, "psnr": 99.0} and done.rungs == (-1, 0)
+        assert done.value("psnr", rung=-1) == 99.0 and done.metric("psnr").rung == 0
+        # A complete trial holding screening figures only (and a pruned one) is on no front.
+        screened_only = store.add_trial(study.id, {"x": 2})
+        store.set_trial_state(screened_only.id, "complete", metrics={"speedup": 50.0, "psnr": 50.0}, rung=-1)
+        pruned = store.add_trial(study.id, {"x": 3})
+        store.set_trial_state(pruned.id, "pruned", metrics={"speedup": 40.0, "psnr": 60.0}, rung=-1, error="screened")
+        other = complete(store, study.id, {"speedup": 1.0, "psnr": 40.0})
+        assert {t.id for t in store.pareto_front(study.id)} == {done.id, other.id}
+        assert store.get_trial(pruned.id).values() == {} and store.get_trial(pruned.id).error == "screened"
+        with pytest.raises(StoreError, match="rung must be 0"):
+            store.record_metrics(done.id, {"psnr": 1.0}, rung=1)
+
     def test_unknown_trial_is_a_store_error(self, store: Store) -> None:
         make_study(store)
         with pytest.raises(StoreError, match="no trial with id 12345"):
