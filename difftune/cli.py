@@ -139,7 +139,7 @@ def generate(
         import torch
         from diffusers.utils import logging as diffusers_logging
 
-        diffusers_logging.disable_progress_bar()
+        _quiet_loading()  # diffusers' and transformers' loading bars ("Loading weights"), unless DIFFTUNE_VERBOSE
         diffusers_logging.set_verbosity_error()  # the CLI reports problems itself, one line each
 
         from difftune.models import describe, load_pipeline
@@ -223,6 +223,7 @@ def bench(
     import difftune.search._bench  # noqa: F401  (registers the search's benchmarks: front, store)
     from difftune.benchmarks import run_benchmark
 
+    _quiet_loading()
     options: dict[str, Any] = {"repeats": repeats, "batch": batch, "budget": budget, "samples": samples, "seed": seed}
     if name == "runtime":
         from difftune.search.settings import resolve_device
@@ -400,7 +401,7 @@ def calibrate(
         int | None,
         typer.Option(
             min=1,
-            help="Finished trials the study must hold; rerunning with more resumes (default: the space's, 60 for "
+            help="Finished trials the study must hold; rerunning with more resumes (default: the space's, 100 for "
             "ecad, 24 for the others).",
         ),
     ] = None,
@@ -434,7 +435,8 @@ def calibrate(
             min=0,
             help="Multi-fidelity: measure every candidate first on this many calibration samples (one timed call "
             "for its speed) and only the best 1/--screen-eta of them by Pareto rank in full; screened-out trials "
-            "are 'pruned' and never on a front (default 0: off). Kept when the study resumes.",
+            "are 'pruned' and never on a front (default: 4 for the ecad space, 0 = off for the others). Kept when "
+            "the study resumes.",
         ),
     ] = None,
     screen_eta: Annotated[

@@ -208,6 +208,14 @@ def _population(searcher: str, asked: int | None, budget: int) -> int | None:
     return default(budget) if callable(default) else None
 
 
+def _screen_samples(space: Any, asked: int | None, samples: int) -> int:
+    """A new study's screening samples: ``asked``, else the space's default where the study has more samples."""
+    if asked is not None:
+        return asked
+    default = int(getattr(space, "default_screen", 0))
+    return default if 0 < default < samples else 0
+
+
 def _check_searcher(name: str) -> None:
     """An unknown searcher name is bad input (the error lists the known ones)."""
     from difftune.search._base import get_searcher_class
@@ -1028,8 +1036,9 @@ def run_study(
             timing, library versions) instead of measuring it again (:func:`memo_key`); False measures
             every trial.
         screen: multi-fidelity: measure every candidate first on this many calibration samples and only
-            the best ``1/screen_eta`` by Pareto rank there in full (:func:`_screen`); 0 or None (a new
-            study): off. Chosen when the study is created, kept on resume.
+            the best ``1/screen_eta`` by Pareto rank there in full (:func:`_screen`); 0: off; None: the
+            space's ``default_screen`` (4 for ``ecad``, 0 for the others). Chosen when the study is
+            created, kept on resume.
         screen_eta: the reduction factor of that screening (default 3).
         on_start: called with the resolved :class:`~difftune.search.settings.StudySettings` once the
             inputs are checked, before any trial runs (the CLI prints the device).
@@ -1089,7 +1098,7 @@ def run_study(
         nfe_range=(lo, hi),
         latency_repeats=latency_repeats,
         population=population,
-        screen=screen or 0,
+        screen=_screen_samples(space_obj, screen, samples),
         screen_eta=3 if screen_eta is None else screen_eta,
     )
     pipe, info = _prepare_pipeline(settings, pipeline)

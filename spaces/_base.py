@@ -391,6 +391,9 @@ class Space(ABC):
     default_searcher: ClassVar[str] = "tpe"
     #: finished trials a study of this space holds when no budget is asked for
     default_budget: ClassVar[int] = 24
+    #: calibration samples a new study screens candidates on when ``--screen`` is not given (0: no
+    #: screening; also 0 when the study's samples are this few or fewer)
+    default_screen: ClassVar[int] = 0
     #: The profile sections this space's points fill.
     sections: ClassVar[tuple[str, ...]] = ()
 

@@ -112,8 +112,10 @@ class EcadSpace(Space):
     """ECAD's genome: one bool per (step ≥ 1, block, present component) cell (see the module docstring)."""
 
     default_searcher = "pymoo-nsga2"
-    #: four generations of 15 (see PymooSearcher.default_population): about 3½ minutes on 2 CPU cores
-    default_budget = 60
+    #: four generations of 25 (see PymooSearcher.default_population), screened on 4 samples: half of the
+    #: candidates stop there, and the study takes about 3½ minutes on 2 CPU cores
+    default_budget = 100
+    default_screen = 4
     sections = ("cache",)
 
     def variables(self, context: SpaceContext) -> list[Variable]:

@@ -140,3 +140,30 @@ def test_fronts_say_where_each_point_came_from():
     assert _point_label(same, study) == "ecad search (pymoo-nsga2) · figures of trial 12"
     other = NS(kind="baseline", config={"baseline": "identity", "memo_of": {"study_id": 1, "trial": 0}})
     assert _point_label(other, study) == "identity · figures of study 1 trial 0"
+
+
+def test_loading_a_saved_pipeline_prints_no_library_chatter(tmp_path):
+    """transformers 5 shows a "Loading weights" bar per text encoder and, for a saved ``CLIPImageProcessor``
+    without torchvision, a fallback notice: neither reaches a command's stderr unless DIFFTUNE_VERBOSE=1."""
+    import json
+    import os
+
+    from transformers import CLIPImageProcessorPil
+
+    from tests.models.tiny_pipelines import build
+
+    pipe, _ = build("sd")
+    pipe.register_modules(feature_extractor=CLIPImageProcessorPil(crop_size=32, size=32))
+    folder = tmp_path / "tiny-sd"
+    pipe.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]  # as pipelines saved before v5 name it
+    (folder / "model_index.json").write_text(json.dumps(index))
+    args = [sys.executable, "-m", "difftune.cli", "generate", "--model", str(folder), "--prompt", "a cat"]
+    args += ["--steps", "2", "--out", str(tmp_path / "g.png")]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFTUNE_VERBOSE", "TRANSFORMERS_", "HF_HUB_"))}
+    quiet = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Loading" not in quiet.stderr and "torchvision" not in quiet.stderr, quiet.stderr
+    loud = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**env, "DIFFTUNE_VERBOSE": "1"})
+    assert loud.returncode == 0 and "Loading weights" in loud.stderr

@@ -124,3 +124,14 @@ def test_screening_needs_fewer_samples_than_the_full_evaluation(tmp_path, embedd
     with pytest.raises(difftune.DifftuneError, match="--screen-eta"):
         run_study(pipeline=embedded_pipe, budget=2, storage=f"sqlite:///{db}", screen=1, screen_eta=1, **TINY)
     assert not db.exists()
+
+
+def test_a_new_study_screens_by_its_spaces_default_unless_asked():
+    from difftune.search.runner import _screen_samples
+    from difftune.spaces import get_space
+
+    ecad, cache = get_space("ecad"), get_space("cache")
+    assert _screen_samples(ecad, None, 20) == 4  # the main job: ecad screens on 4 of 20 samples
+    assert _screen_samples(ecad, None, 4) == 0  # too few samples to screen on fewer
+    assert _screen_samples(ecad, 0, 20) == 0 and _screen_samples(ecad, 6, 20) == 6
+    assert _screen_samples(cache, None, 20) == 0
