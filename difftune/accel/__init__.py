@@ -11,7 +11,14 @@ from difftune.accel.deepcache import DeepCacheConfig
 from difftune.accel.delta_dit import DeltaDiTConfig
 from difftune.accel.first_block_cache import FirstBlockCacheConfig
 from difftune.accel.flops import ComponentFlops, component_flops, count_flops
-from difftune.accel.placements import ays_schedule, ays_timesteps, gits_dp, gits_schedule, gits_timesteps
+from difftune.accel.placements import (
+    GITS_REFERENCE,
+    ays_schedule,
+    ays_timesteps,
+    gits_dp,
+    gits_schedule,
+    gits_timesteps,
+)
 from difftune.accel.quant import (
     QuantConfig,
     QuantHandle,
@@ -26,6 +33,7 @@ from difftune.accel.solver import SolverSchedule, SolverStep, USFScheduler, dyna
 from difftune.accel.taylorseer import TaylorSeerConfig
 
 __all__ = [
+    "GITS_REFERENCE",
     "POLICIES",
     "CacheMaskConfig",
     "CachePolicy",

@@ -37,6 +37,7 @@ from difftune.errors import ProfileError
 
 __all__ = [
     "AYS_FAMILIES",
+    "GITS_REFERENCE",
     "ays_schedule",
     "ays_sigmas",
     "ays_timesteps",
@@ -140,12 +141,18 @@ def ays_schedule(family: str, num_steps: int = 10, order: int = 2, corrector: bo
 # --------------------------------------------------------------------------------------------
 
 
-def gits_dp(cost: np.ndarray, num_steps: int) -> list[int]:
+def gits_dp(cost: np.ndarray, num_steps: int, coeff: float = 1.0) -> list[int]:
     """The path 0 = i_0 < i_1 < … < i_K = N through the fine grid with least Σ cost[i_k, i_{k+1}].
 
     ``cost`` is (N+1)×(N+1); only entries above the diagonal are read (cost[i, j] of a step from
     fine point i to a later point j). ``num_steps`` = K edges (K ≤ N), so K + 1 indices are returned,
     first 0 and last N. O(K·N²) time, exact (ties go to the earliest predecessor).
+
+    ``coeff`` ≠ 1 is GITS' reference recursion (zju-pi/diff-sampler, ``gits_utils.dp``): V[j][1] =
+    cost[j][N], V[j][k] = min over j < i < N of cost[j][i] + coeff·V[i][k−1], i.e. the m-th step's
+    cost counts coeff^m (m = 0 for the first step): with coeff > 1 (the reference's 1.15) errors late
+    in the trajectory, which nothing corrects afterwards, weigh more. The path is read forward from 0,
+    each step to the first point that attains V, as the reference does.
     """
     c = np.asarray(cost, dtype=np.float64)
     if c.ndim != 2 or c.shape[0] != c.shape[1] or c.shape[0] < 2:
@@ -157,6 +164,10 @@ def gits_dp(cost: np.ndarray, num_steps: int) -> list[int]:
     upper = np.where(np.triu(np.ones_like(c, dtype=bool), 1), c, np.inf)
     if np.any(np.isnan(upper)):
         raise ValueError("cost holds NaN above the diagonal")
+    if not (isinstance(coeff, (int, float)) and math.isfinite(coeff) and coeff > 0):
+        raise ValueError(f"coeff must be a positive number, got {coeff!r}")
+    if coeff != 1.0:
+        return _gits_dp_weighted(upper, k, float(coeff))
     # best[m][j]: least cost of reaching fine point j from 0 in exactly m steps.
     best = np.full((k + 1, n + 1), np.inf)
     best[0, 0] = 0.0
@@ -171,6 +182,25 @@ def gits_dp(cost: np.ndarray, num_steps: int) -> list[int]:
     for m in range(k, 0, -1):
         path.append(int(parent[m, path[-1]]))
     return path[::-1]
+
+
+def _gits_dp_weighted(upper: np.ndarray, k: int, coeff: float) -> list[int]:
+    """:func:`gits_dp` with a weight ``coeff`` per later step, by the reference's backward recursion."""
+    n = upper.shape[0] - 1
+    # value[j, m]: least weighted cost of reaching the end from fine point j in exactly m steps.
+    value = np.full((n + 1, k + 1), np.inf)
+    value[:n, 1] = upper[:n, n]
+    for m in range(2, k + 1):
+        for j in range(n - 1):
+            value[j, m] = np.min(upper[j, j + 1 : n] + coeff * value[j + 1 : n, m - 1], initial=np.inf)
+    if not math.isfinite(value[0, k]):
+        raise ValueError(f"no path of {k} steps with finite cost from fine point 0 to {n}")
+    path, here = [0], 0
+    for m in range(k, 1, -1):
+        totals = upper[here, here + 1 : n] + coeff * value[here + 1 : n, m - 1]
+        here = here + 1 + int(np.flatnonzero(totals == value[here, m])[0])
+        path.append(here)
+    return [*path, n]
 
 
 def _euler_cost(
@@ -191,6 +221,50 @@ def _euler_cost(
     for i in range(n):
         pred = a[i + 1 :] * x0f[i].unsqueeze(0) + s[i + 1 :] * epsf[i].unsqueeze(0)
         cost[i, i + 1 :] = torch.linalg.vector_norm(pred - xf[i + 1 :], dim=-1).mean(dim=-1).numpy()
+    return cost
+
+
+def _deviation(points: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """Each point's distance from the straight line through ``start`` and ``end`` (per sample).
+
+    ``points``: (M, B, …); ``start`` / ``end``: (B, …). GITS' ``cal_deviation``: the component of
+    ``end − point`` perpendicular to ``end − start``. Returns (M, B)."""
+    p, a, b = points.flatten(2), start.flatten(1), end.flatten(1)
+    unit = (b - a) / torch.linalg.vector_norm(b - a, dim=-1, keepdim=True)
+    to_end = b.unsqueeze(0) - p
+    along = (to_end * unit.unsqueeze(0)).sum(-1, keepdim=True)
+    return torch.linalg.vector_norm(to_end - along * unit.unsqueeze(0), dim=-1)
+
+
+def _deviation_cost(
+    x0: torch.Tensor, eps: torch.Tensor, xs: torch.Tensor, alpha: np.ndarray, sigma: np.ndarray
+) -> np.ndarray:
+    """GITS' ``dev`` metric: cost[i, j] = mean dev(x̃_i + (t_j − t_i)·d_i) − mean dev(x̃_j) for i < j.
+
+    In EDM's space x̃ = x/α, t = σ/α, where the Euler step from i is x̂₀_i + t_j·ε̂_i; dev is the
+    distance from the straight line joining the teacher trajectory's start and end (the clean end has
+    deviation 0). Trajectories of one model are nearly straight, so a step that leaves the line where
+    the teacher does not costs, and one that cuts a curve the teacher also cut costs little (the cost
+    may be negative). Means over the samples, as the reference takes them before subtracting.
+    """
+    if np.any(np.asarray(alpha) <= 0):
+        raise ValueError(
+            "GITS' 'dev' metric measures deviation from the line through x_T in EDM's x/α space, which is at "
+            "infinity where α = 0 (a flow model's σ = 1 start); use metric='l2'"
+        )
+    n = xs.shape[0] - 1
+    a = torch.from_numpy(np.asarray(alpha, dtype=np.float64)).reshape(-1, *([1] * (xs.dim() - 1)))
+    t = np.asarray(sigma, dtype=np.float64) / np.asarray(alpha, dtype=np.float64)
+    tilde = xs.double() / a
+    start, end = tilde[0], tilde[n]
+    teacher = _deviation(tilde, start, end).mean(dim=1).numpy()
+    teacher[n] = 0.0
+    cost = np.zeros((n + 1, n + 1))
+    for i in range(n):
+        steps = x0[i].double().unsqueeze(0) + torch.from_numpy(t[i + 1 :]).reshape(-1, *([1] * x0[i].dim())) * eps[
+            i
+        ].double().unsqueeze(0)
+        cost[i, i + 1 :] = _deviation(steps, start, end).mean(dim=1).numpy() - teacher[i + 1 :]
     return cost
 
 
@@ -215,6 +289,66 @@ class _Recorder(USFScheduler):
         return out
 
 
+#: Adams–Bashforth coefficients of improved PNDM (Zhang & Chen 2023) for orders 1–4, newest direction first.
+_IPNDM_COEFFICIENTS: tuple[tuple[float, ...], ...] = (
+    (1.0,),
+    (3 / 2, -1 / 2),
+    (23 / 12, -16 / 12, 5 / 12),
+    (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+)
+
+
+class _IPNDMTeacher(_Recorder):
+    """GITS' reference teacher: improved PNDM — Adams–Bashforth with fixed coefficients, order 1, 2, 3
+    then 4 — in EDM's x̃ = x/α, t = σ/α, where the ODE direction is ε̂ (zju-pi/diff-sampler,
+    ``solvers.ipndm_sampler``). Written with x̃_i = x̂₀_i + t_i·ε̂_i, so a flow model's α = 0 start stays
+    finite; records every evaluation as :class:`_Recorder` does."""
+
+    def _reset_state(self) -> None:
+        super()._reset_state()
+        self._directions: list[torch.Tensor] = []
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i = self._step_index
+        assert i is not None
+        out_dtype = sample.dtype
+        x0, eps = self._convert(model_output.float(), sample.float(), i)
+        self._directions.insert(0, eps)
+        del self._directions[4:]
+        coefficients = _IPNDM_COEFFICIENTS[min(len(self._directions), 4) - 1]
+        direction = sum(c * d for c, d in zip(coefficients, self._directions, strict=False))
+        t_cur = float(self._sig[i]) / float(self._alpha[i]) if self._alpha[i] > 0 else math.inf
+        t_next = float(self._sig[i + 1]) / float(self._alpha[i + 1])
+        if math.isinf(t_cur):  # the first step from a flow model's pure noise: Euler, x̂₀ + t·ε̂
+            tilde_next = x0 + t_next * eps
+        else:
+            tilde_next = x0 + t_cur * eps + (t_next - t_cur) * direction
+        prev = (float(self._alpha[i + 1]) * tilde_next).to(out_dtype)
+        self._step_index = i + 1
+        if self._step_index == self.num_inference_steps:
+            self.final = prev.detach().double().cpu()
+        return SchedulerOutput(prev_sample=prev)
+
+
+#: GITS as its reference code runs it (zju-pi/diff-sampler gits-main: ``--metric dev --coeff 1.15``,
+#: an iPNDM teacher on EDM's ρ = 7 grid of 21 points, the cost in EDM space): pass to
+#: :func:`gits_timesteps` / :func:`gits_schedule` as ``**GITS_REFERENCE``. Here the 21 points are 20
+#: teacher evaluations and the clean end (the reference stops at σ_min instead); it warms up on 256
+#: trajectories, which ``samples`` (× the prompts or labels of ``call_kwargs``) sets.
+GITS_REFERENCE: Mapping[str, Any] = {
+    "teacher": "ipndm",
+    "teacher_grid": "karras",
+    "teacher_steps": 20,
+    "metric": "dev",
+    "coeff": 1.15,
+    "space": "ve",
+}
+
+
 def gits_timesteps(
     pipe: Any,
     num_steps: int,
@@ -226,6 +360,9 @@ def gits_timesteps(
     samples: int = 4,
     call_kwargs: Mapping[str, Any] | None = None,
     seed: int = 0,
+    teacher: str = "usf",
+    metric: str = "l2",
+    coeff: float = 1.0,
 ) -> list[float]:
     """GITS timesteps for ``pipe`` with ``num_steps`` model evaluations, in its scheduler's units.
 
@@ -258,7 +395,21 @@ def gits_timesteps(
             ``guidance_scale``, ``output_type="latent"`` for latent pipelines, …); defaults to
             ``{"prompt": ""}``. Calibrate with the guidance scale you will sample with.
         seed: the calibration noise.
+        teacher: ``"usf"`` (default: :class:`USFScheduler` multistep of ``teacher_order``) or
+            ``"ipndm"`` (the reference's improved PNDM, orders 1–4, in EDM space).
+        metric: ``"l2"`` (default: the Euler step's error, mean over samples, in ``space``) or
+            ``"dev"`` (the reference's: how far the Euler step leaves the straight line from the
+            trajectory's start to its end, minus how far the teacher is from it there; EDM space
+            always, ``space`` is ignored; not for flow models).
+        coeff: the weight per later step in the dynamic program (:func:`gits_dp`; the reference 1.15).
+
+    ``**GITS_REFERENCE`` sets the reference's choices: iPNDM teacher, 20 Karras (EDM ρ = 7)
+    evaluations, ``dev`` metric, coeff 1.15.
     """
+    if teacher not in ("usf", "ipndm"):
+        raise ValueError(f"teacher={teacher!r} is not one of usf, ipndm")
+    if metric not in ("l2", "dev"):
+        raise ValueError(f"metric={metric!r} is not one of l2, dev")
     k = _check_steps(num_steps)
     n = _check_steps(teacher_steps)
     if k > n:
@@ -279,7 +430,8 @@ def gits_timesteps(
             f"({fine.tolist()}); use fewer teacher_steps or another teacher_grid"
         )
     steps = _default_steps(n, order, "data", False, lower_order_final=True, final_zero=True)
-    recorder = _Recorder.from_schedule(SolverSchedule(tuple(float(t) for t in fine), steps), original)
+    recorder_class = _IPNDMTeacher if teacher == "ipndm" else _Recorder
+    recorder = recorder_class.from_schedule(SolverSchedule(tuple(float(t) for t in fine), steps), original)
     kwargs: dict[str, Any] = dict(call_kwargs) if call_kwargs is not None else {"prompt": ""}
     kwargs.update(
         num_inference_steps=n, num_images_per_prompt=samples, generator=torch.Generator().manual_seed(int(seed))
@@ -297,10 +449,13 @@ def gits_timesteps(
     xs = torch.stack([r[0] for r in recorder.records] + [recorder.final])
     x0 = torch.stack([r[1] for r in recorder.records])
     eps = torch.stack([r[2] for r in recorder.records])
-    cost = _euler_cost(x0, eps, xs, alpha, sigma)
-    if space == "ve":
-        cost[:, 1:] = cost[:, 1:] / alpha[None, 1:]  # ‖x̃_i + (t_j − t_i)·d_i − x̃_j‖, the paper's form
-    path = gits_dp(cost, k)
+    if metric == "dev":
+        cost = _deviation_cost(x0, eps, xs, alpha, sigma)
+    else:
+        cost = _euler_cost(x0, eps, xs, alpha, sigma)
+        if space == "ve":
+            cost[:, 1:] = cost[:, 1:] / alpha[None, 1:]  # ‖x̃_i + (t_j − t_i)·d_i − x̃_j‖, the paper's form
+    path = gits_dp(cost, k, coeff=coeff)
     return [float(fine[i]) for i in path[:-1]]
 
 
