@@ -42,6 +42,7 @@ from .cache import CacheSpace, recompute_rows
 from .ecad import EcadSpace
 from .harmonica import HarmoniCaSpace
 from .joint import JointSpace
+from .sada import SADASpace
 from .solver import SolverSpace
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "JointSpace",
     "NamedPoint",
     "Repaired",
+    "SADASpace",
     "SolverSpace",
     "Space",
     "SpaceContext",
