@@ -28,11 +28,13 @@ and a 100,000-trial front queried on SQLite (target ≤ 1 s).
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from difftune.benchmarks import Figure, register_benchmark
 
@@ -378,7 +380,7 @@ def bench_search(
             started = time.perf_counter()
             url = f"sqlite:///{root / f'bench_search_{name}.db'}"
             # A cache of the run's own: HarmoniCa's routers are trained here, not loaded from an earlier run.
-            with _environ(DIFFTUNE_CACHE=str(root / f"cache_{name}")):
+            with mock.patch.dict(os.environ, {"DIFFTUNE_CACHE": str(root / f"cache_{name}")}):
                 run_study("embedded", name, budget=space_budget, study=name, storage=url, **common)
             others[name] = (study_trials(url, name), time.perf_counter() - started)
             router_seconds += _router_seconds(root / f"cache_{name}" / "harmonica")
@@ -460,27 +462,3 @@ def _router_seconds(folder: Path) -> list[float]:
         with safe_open(str(path), framework="pt") as f:
             out.append(float((f.metadata() or {}).get("seconds", "nan")))
     return out
-
-
-class _environ:
-    """Set environment variables for the block, then put them back."""
-
-    def __init__(self, **values: str):
-        self.values = values
-        self.saved: dict[str, str | None] = {}
-
-    def __enter__(self) -> None:
-        import os
-
-        for key, value in self.values.items():
-            self.saved[key] = os.environ.get(key)
-            os.environ[key] = value
-
-    def __exit__(self, *exc: object) -> None:
-        import os
-
-        for key, value in self.saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

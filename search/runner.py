@@ -659,9 +659,19 @@ def _memoised(job: _Job, trial: Any, config: dict[str, Any], key: str) -> Any:
     return record
 
 
+def _finite(measured: Mapping[str, Any], where: str = "") -> dict[str, float]:
+    """The measured values as floats; a NaN/inf one fails the trial (it must not be stored or told)."""
+    from difftune.errors import EvaluationError
+
+    values = {k: float(v) for k, v in measured.items() if v is not None}
+    for name, value in values.items():
+        if not math.isfinite(value):
+            raise EvaluationError(f"metric {name} produced {'NaN' if math.isnan(value) else 'inf'}{where}")
+    return values
+
+
 def _evaluate_trial(job: _Job, trial: Any, sections_of: Callable[[], Mapping[str, Any]], label: str) -> Any:
     """Decode/apply/evaluate one claimed trial and store it complete or failed (with thumbnails); returns the record."""
-    from difftune.errors import EvaluationError
     from difftune.evaluators import evaluate
     from difftune.profile import apply_profile
     from difftune.spaces import to_profile
@@ -704,10 +714,7 @@ def _evaluate_trial(job: _Job, trial: Any, sections_of: Callable[[], Mapping[str
             finally:
                 handle.remove()
         job.timings["evaluation_s"] += time.perf_counter() - started
-        values = {k: float(v) for k, v in measured.items() if v is not None}
-        for name, value in values.items():
-            if not math.isfinite(value):  # a NaN/inf objective must fail the trial, not be stored or told
-                raise EvaluationError(f"metric {name} produced {'NaN' if math.isnan(value) else 'inf'}")
+        values = _finite(measured)
         missing = [s.name for s in job.specs if s.name not in values]
         if missing:
             raise DifftuneError(f"objective(s) {missing} were not measured")
@@ -741,7 +748,6 @@ def _screen(job: _Job, trial: Any, profile: Any) -> str | None:
     trial, fastest kept): cheap, and comparable across the candidates of the rung. Hand-made points
     (baselines, seeds) are screened too, so the rung has their figures to compare with, and always go on.
     """
-    from difftune.errors import EvaluationError
     from difftune.evaluators import LatencyOptions, evaluate
 
     names = _screen_metrics(job)
@@ -753,10 +759,7 @@ def _screen(job: _Job, trial: Any, profile: Any) -> str | None:
         latency=LatencyOptions(warmup=0, repeats=1, batch_size=job.screen, statistic="min", reuse_reference=True),
         call_kwargs={"num_inference_steps": profile.context.num_inference_steps},
     )
-    values = {k: float(v) for k, v in measured.items() if v is not None}
-    for name, value in values.items():
-        if not math.isfinite(value):
-            raise EvaluationError(f"metric {name} produced {'NaN' if math.isnan(value) else 'inf'} on screening")
+    values = _finite(measured, " on screening")
     job.store.record_metrics(trial.id, values, rung=SCREEN_RUNG)
     if trial.kind in ("baseline", "seed"):
         return None

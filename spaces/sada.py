@@ -46,48 +46,26 @@ __all__ = ["PRUNING_FAMILIES", "REFERENCE_COLUMNS", "SADASpace"]
 
 #: Families whose denoiser is made of ``BasicTransformerBlock`` s, where SADA prunes tokens.
 PRUNING_FAMILIES = ("embedded", "dit", "pixart", "sd", "sdxl")
-#: The reference's settings per family at 50 steps (TECHNIQUES.md §6), as fractions of the steps where
-#: they are step positions.
+
+#: SADA's reference settings for SD-2 at 50 steps (TECHNIQUES.md §6), step positions as shares of the steps.
+_SD2: Mapping[str, Any] = {
+    "threshold": 0.0,
+    "acc_start": 10 / 50,
+    "acc_end": 47 / 50,
+    "max_interval": 4,
+    "lagrange_term": 4,
+    "lagrange_int": 4,
+    "lagrange_start": 24 / 50,
+    "sx": 3,
+    "sy": 3,
+    "max_downsample": 1,
+    "max_fix": 5120,
+}
+#: The reference's columns per family: SDXL and Flux differ from SD-2 in these keys only.
 REFERENCE_COLUMNS: Mapping[str, Mapping[str, Any]] = {
-    "sd2": {
-        "threshold": 0.0,
-        "acc_start": 10 / 50,
-        "acc_end": 47 / 50,
-        "max_interval": 4,
-        "lagrange_term": 4,
-        "lagrange_int": 4,
-        "lagrange_start": 24 / 50,
-        "sx": 3,
-        "sy": 3,
-        "max_downsample": 1,
-        "max_fix": 5120,
-    },
-    "sdxl": {
-        "threshold": 0.0,
-        "acc_start": 10 / 50,
-        "acc_end": 47 / 50,
-        "max_interval": 4,
-        "lagrange_term": 4,
-        "lagrange_int": 4,
-        "lagrange_start": 24 / 50,
-        "sx": 3,
-        "sy": 3,
-        "max_downsample": 2,
-        "max_fix": 10240,
-    },
-    "flux": {
-        "threshold": 0.0,
-        "acc_start": 10 / 50,
-        "acc_end": 47 / 50,
-        "max_interval": 4,
-        "lagrange_term": 3,
-        "lagrange_int": 4,
-        "lagrange_start": 20 / 50,
-        "sx": 3,
-        "sy": 3,
-        "max_downsample": 0,
-        "max_fix": 0,
-    },
+    "sd2": _SD2,
+    "sdxl": {**_SD2, "max_downsample": 2, "max_fix": 10240},
+    "flux": {**_SD2, "lagrange_term": 3, "lagrange_start": 20 / 50, "max_downsample": 0, "max_fix": 0},
 }
 _PRUNING = ("sx", "sy", "max_downsample", "max_fix")
 
