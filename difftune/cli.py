@@ -394,7 +394,8 @@ def calibrate(
             help="Search space: cache (structured masks), solver (USF schedules), joint (solver + cache), ecad "
             "(ECAD's full cache genome, pymoo NSGA-II), bac (BAC's DP over feature similarity), harmonica "
             "(HarmoniCa's router, trained per l1 value: ~1–2 CPU minutes each), sada (SADA's step skipping and token "
-            "pruning). Default ecad: on the embedded model its 100-trial screened search finds points that dominate "
+            "pruning), dc (DC-Solver's per-step ratios, fitted through the denoiser: ~5 s per point). Default ecad: on "
+            "the embedded model its 100-trial screened search finds points that dominate "
             "the hand-made schedules in 3–4 minutes."
         ),
     ] = "ecad",
@@ -521,7 +522,8 @@ def calibrate(
 
     Spaces: ecad (the default: the full cache mask, step × block × component, evolved by NSGA-II from
     the hand-made schedules), cache (structured cache masks at --steps), solver (USF schedules of --nfe
-    evaluations), joint (a solver schedule plus an optional cache mask over its steps), bac, harmonica, sada.
+    evaluations), joint (a solver schedule plus an optional cache mask over its steps), bac, harmonica, sada,
+    dc (DC-Solver compensation ratios fitted per schedule of --nfe evaluations).
     The baselines (FORA, Δ-DiT, T-GATE-like, DPM-Solver++ / UniPC / DDIM at their best spacing,
     FirstBlockCache, …) run first.
 

@@ -64,6 +64,7 @@ import torch
 from difftune.accel._hooks import CompositeHandle, Handle, StepTracker, wrap_forward
 from difftune.accel.cache import CacheMaskConfig
 from difftune.errors import EvaluationError, SpaceError
+from difftune.search._common import jsonable, positive_int, prediction_tensor, safe_name
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -190,18 +191,6 @@ def _detach(value: Any) -> Any:
     return value
 
 
-def _prediction(output: Any) -> torch.Tensor:
-    """The denoiser's prediction tensor (``.sample``, the first item of a tuple, or the tensor itself)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    sample = getattr(output, "sample", None)
-    if isinstance(sample, torch.Tensor):
-        return sample
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise SpaceError(f"harmonica: cannot find the prediction tensor in the denoiser's {type(output).__name__} output")
-
-
 class _Blender:
     """The state the component hooks share: the mode, the current step's weights, the student's cache."""
 
@@ -254,13 +243,13 @@ class _Trainer:
 
     def step(self, blender: _Blender, forward: Callable[..., Any], step: int, args: tuple, kwargs: dict) -> Any:
         blender.blend = False
-        teacher = _prediction(forward(*args, **kwargs)).detach().float()
+        teacher = prediction_tensor(forward(*args, **kwargs), "harmonica").detach().float()
         row = self.params[step - 1]
         with torch.enable_grad():
             w = torch.sigmoid(row)
             blender.set_weights(w)
             output = forward(*args, **kwargs)
-            data = torch.nn.functional.mse_loss(_prediction(output).float(), teacher)
+            data = torch.nn.functional.mse_loss(prediction_tensor(output, "harmonica").float(), teacher)
             loss = self.lambdas[step] * data + self.l1 * (w * self.active).sum()
             (grad,) = torch.autograd.grad(loss, row)
         value = float(loss.detach())
@@ -386,22 +375,6 @@ def _iepo(session: _Session, run: _Runner, batch: Sequence[Any], probabilities: 
 # --------------------------------------------------------------------------------------------
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return repr(value)
-
-
-def _safe(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
-
-
 def _load(path: Path, key: str, shape: tuple[int, int, int], components: tuple[str, ...]) -> RouterResult | None:
     """The cached router at ``path``, or None when it is missing, unreadable or for another training."""
     if not path.is_file():
@@ -454,12 +427,6 @@ def _save(path: Path, key: str, result: RouterResult) -> Path:
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
-
-
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SpaceError(f"{name}: expected an integer >= 1, got {value!r}")
-    return value
 
 
 def _non_negative(name: str, value: Any, *, positive: bool = False) -> float:
@@ -516,14 +483,14 @@ def train_router(
     """
     from difftune.models import describe
 
-    steps = _positive_int("num_inference_steps", num_inference_steps)
+    steps = positive_int("num_inference_steps", num_inference_steps)
     if steps < 2:
         raise SpaceError(f"num_inference_steps: a router needs at least 2 steps to reuse anything, got {steps}")
     l1 = _non_negative("l1", l1)
     lr = _non_negative("lr", lr, positive=True)
-    iterations = _positive_int("iterations", iterations)
-    lambda_every = _positive_int("lambda_every", lambda_every)
-    batch_size = _positive_int("batch_size", batch_size)
+    iterations = positive_int("iterations", iterations)
+    lambda_every = positive_int("lambda_every", lambda_every)
+    batch_size = positive_int("batch_size", batch_size)
     train_threshold = _non_negative("train_threshold", train_threshold)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise SpaceError(f"seed: expected an integer, got {seed!r}")
@@ -542,7 +509,7 @@ def train_router(
         call["guidance_scale"] = float(guidance_scale)
     scheduler = getattr(pipe, "scheduler", None)
     key = json.dumps(
-        _jsonable(
+        jsonable(
             {
                 "format": FORMAT,
                 "fingerprint": info.fingerprint,
@@ -564,7 +531,7 @@ def train_router(
         ensure_ascii=False,
     )
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_router_dir()
-    path = root / _safe(info.fingerprint) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    path = root / safe_name(info.fingerprint) / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
     if use_cache:
         cached = _load(path, key, shape, info.components)
         if cached is not None:

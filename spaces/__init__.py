@@ -39,6 +39,7 @@ from .bac import (
     schedule_value,
 )
 from .cache import CacheSpace, recompute_rows
+from .dc import DCSpace
 from .ecad import EcadSpace
 from .harmonica import HarmoniCaSpace
 from .joint import JointSpace
@@ -49,6 +50,7 @@ __all__ = [
     "METHODS",
     "BACSpace",
     "CacheSpace",
+    "DCSpace",
     "EcadSpace",
     "HarmoniCaSpace",
     "JointSpace",

@@ -285,6 +285,23 @@ def _as_samples(samples: Sequence[tuple[Any, int]]) -> list[Any]:
     return [Sample(condition if isinstance(condition, str) else int(condition), seed) for condition, seed in samples]
 
 
+def study_samples_and_call(context: Any, who: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The study's first calibration samples and call kwargs (with its size), for spaces that fit on the pipeline."""
+    pipe = context.pipeline
+    if pipe is None:
+        raise SpaceError(
+            f"space {who!r} fits on the pipeline: build the context with "
+            "SpaceContext.from_pipeline(pipe, keep_pipeline=True)"
+        )
+    samples = tuple(_as_samples(_samples(pipe, context.spacing_samples, context.info.conditioning)))
+    call = dict(context.call_kwargs)
+    for name in ("height", "width"):
+        value = getattr(context, name)
+        if value is not None:
+            call.setdefault(name, value)
+    return samples, call
+
+
 def _generate(
     pipe: Any,
     scheduler: Any,

@@ -138,20 +138,10 @@ class HarmoniCaSpace(Space):
         """The :class:`~difftune.search.harmonica.RouterResult` for ``l1`` (trained once, then memoised)."""
         from difftune.search.harmonica import train_router
 
-        from ._spacing import _as_samples, _samples
+        from ._spacing import study_samples_and_call
 
+        samples, call = study_samples_and_call(context, "harmonica")
         pipe = context.pipeline
-        if pipe is None:
-            raise SpaceError(
-                "space 'harmonica' trains its router on the pipeline: build the context with "
-                "SpaceContext.from_pipeline(pipe, keep_pipeline=True)"
-            )
-        samples = tuple(_as_samples(_samples(pipe, context.spacing_samples, context.info.conditioning)))
-        call = dict(context.call_kwargs)
-        for name in ("height", "width"):
-            value = getattr(context, name)
-            if value is not None:
-                call.setdefault(name, value)
         key = (
             context.info.fingerprint,
             context.num_inference_steps,

@@ -378,6 +378,12 @@ class SolverSpace(Space):
         if not isinstance(schedule, SolverSchedule):
             raise SpaceError(f"space 'solver': expected a SolverSchedule in sections['solver'], got {schedule!r}")
         timeline = self._timeline(context)
+        own_final = "zero" if timeline.final_zero else "sigma_min"
+        if schedule.final_sigma not in (None, own_final):
+            raise SpaceError(
+                f"space 'solver': the schedule ends at {schedule.final_sigma}, the scheduler at {own_final}; "
+                "the space's schedules end where the pipeline's scheduler does"
+            )
         n = schedule.num_steps
         lo, hi = context.nfe_range
         if not lo <= n <= hi:

@@ -47,6 +47,7 @@ MAX_ORDER = 3
 
 _GRIDS = ("time_uniform", "logsnr_uniform", "karras", "linspace", "leading", "trailing")
 _SPACINGS = ("linspace", "leading", "trailing")
+_FINAL_SIGMAS = ("zero", "sigma_min")
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # Diffusers options under which a scheduler's sigmas are not a function of its (rounded) timesteps.
@@ -140,6 +141,10 @@ class SolverSchedule:
 
     timesteps: tuple[float, ...]
     steps: tuple[SolverStep, ...]
+    #: Where the last step lands: ``None`` (the pipeline scheduler's own ``final_sigmas_type``),
+    #: ``"zero"`` (the clean sample) or ``"sigma_min"`` (the smallest training noise level, VP models
+    #: only; DC-Solver's reference setting). Written to the profile only when set.
+    final_sigma: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
@@ -163,6 +168,8 @@ class SolverSchedule:
         for i, step in enumerate(self.steps):
             if not isinstance(step, SolverStep):
                 raise ProfileError(f"solver.steps[{i}]: expected a SolverStep, got {step!r}")
+        if self.final_sigma is not None:
+            as_str(self.final_sigma, "solver.final_sigma", _FINAL_SIGMAS)
         if self.steps[-1].corrector:
             raise ProfileError(
                 f"solver.steps[{len(ts) - 1}].corrector: true on the last step; the corrector needs the next model "
@@ -175,14 +182,17 @@ class SolverSchedule:
         return len(self.timesteps)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "usf", "timesteps": list(self.timesteps), "steps": [s.to_dict() for s in self.steps]}
+        out = {"kind": "usf", "timesteps": list(self.timesteps), "steps": [s.to_dict() for s in self.steps]}
+        if self.final_sigma is not None:
+            out["final_sigma"] = self.final_sigma
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> SolverSchedule:
         """Build from JSON, validating every field; errors are :class:`ProfileError` naming the field."""
         if not isinstance(data, Mapping):
             raise ProfileError(f"solver: expected an object, got {data!r}")
-        check_keys(data, {"kind", "timesteps", "steps"}, "solver")
+        check_keys(data, {"kind", "timesteps", "steps", "final_sigma"}, "solver")
         if data.get("kind", "usf") != "usf":
             raise ProfileError(f"solver.kind: expected 'usf', got {data.get('kind')!r}")
         timesteps, steps = data.get("timesteps"), data.get("steps")
@@ -191,7 +201,11 @@ class SolverSchedule:
         if not isinstance(steps, Sequence) or isinstance(steps, str):
             raise ProfileError(f"solver.steps: expected a list of objects, got {steps!r}")
         ts = tuple(as_float(t, f"solver.timesteps[{i}]") for i, t in enumerate(timesteps))
-        return cls(ts, tuple(SolverStep.from_dict(s, f"solver.steps[{i}]") for i, s in enumerate(steps)))
+        final = data.get("final_sigma")
+        if final is not None:
+            as_str(final, "solver.final_sigma", _FINAL_SIGMAS)
+        steps_ = tuple(SolverStep.from_dict(s, f"solver.steps[{i}]") for i, s in enumerate(steps))
+        return cls(ts, steps_, final)
 
     @classmethod
     def from_scheduler(
@@ -292,10 +306,10 @@ def _default_steps(
 # --------------------------------------------------------------------------------------------
 
 
-def _lagrange_weights(nodes: Sequence[float], at: float) -> list[float]:
+def _lagrange_weights(nodes: Sequence[float], at: Any) -> list[Any]:
     weights = []
     for k, tk in enumerate(nodes):
-        w = 1.0
+        w: Any = 1.0
         for j, tj in enumerate(nodes):
             if j != k:
                 w *= (at - tj) / (tk - tj)
@@ -304,7 +318,7 @@ def _lagrange_weights(nodes: Sequence[float], at: float) -> list[float]:
 
 
 def dynamic_compensation(
-    outputs: Sequence[torch.Tensor], times: Sequence[float], ratio: float, dc_order: int = 2
+    outputs: Sequence[torch.Tensor], times: Sequence[float], ratio: float | torch.Tensor, dc_order: int = 2
 ) -> torch.Tensor:
     """DC-Solver's compensated model output: the Lagrange interpolant through the newest
     ``dc_order + 1`` buffered ``outputs`` (oldest first, at ``times``) evaluated at
@@ -327,7 +341,8 @@ def dynamic_compensation(
     # ``ratio``, so ratio = 1 yields weights exactly (0, …, 0, 1) even for non-integer timesteps.
     t_prev, t_new = float(times[-2]), float(times[-1])
     nodes = [(float(t) - t_prev) / (t_new - t_prev) for t in times[-k:]]
-    weights = _lagrange_weights(nodes, float(ratio))
+    # A tensor ratio stays a tensor, so DC-Solver's fitting can differentiate the result with respect to it.
+    weights = _lagrange_weights(nodes, ratio if isinstance(ratio, torch.Tensor) else float(ratio))
     values = outputs[-k:]
     result = values[-1] * weights[-1]
     for w, v in zip(weights[:-1], values[:-1], strict=True):
@@ -439,6 +454,15 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         lower_order_final: bool = True,
         dc_order: int = 2,
     ) -> None:
+        if isinstance(schedule, SolverSchedule):
+            self.register_to_config(schedule=schedule.to_dict())  # the config must stay JSON
+            self._schedule: SolverSchedule | None = schedule
+        else:
+            self._schedule = None if schedule is None else SolverSchedule.from_dict(schedule)
+        if self._schedule is not None and self._schedule.final_sigma not in (None, final_sigmas_type):
+            # A schedule that says where it ends wins over the pipeline's convention (DC ratios are fitted for it).
+            final_sigmas_type = self._schedule.final_sigma
+            self.register_to_config(final_sigmas_type=final_sigmas_type)
         _check_choice("prediction_type", prediction_type, _PREDICTION_TYPES)
         _check_choice("timestep_spacing", timestep_spacing, _SPACINGS)
         _check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
@@ -450,12 +474,6 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"karras_rho and shift must be > 0, got karras_rho={karras_rho!r}, shift={shift!r}")
         if prediction_type == "flow_prediction" and not use_flow_sigmas:
             raise ValueError("prediction_type='flow_prediction' needs use_flow_sigmas=True (x_t = (1-σ)x₀ + σε)")
-
-        if isinstance(schedule, SolverSchedule):
-            self.register_to_config(schedule=schedule.to_dict())  # the config must stay JSON
-            self._schedule: SolverSchedule | None = schedule
-        else:
-            self._schedule = None if schedule is None else SolverSchedule.from_dict(schedule)
 
         if not use_flow_sigmas:
             if trained_betas is not None:
@@ -529,11 +547,13 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         Karras / λ-uniform spacing → ``grid``). ``overrides`` are set last.
         """
         config = cls._translate_config(base_config)
-        config.update(overrides)
         if schedule is not None:
             if isinstance(schedule, Mapping):
                 schedule = SolverSchedule.from_dict(schedule)
+            if schedule.final_sigma is not None:
+                config["final_sigmas_type"] = schedule.final_sigma
             config["schedule"] = schedule.to_dict()
+        config.update(overrides)
         return cls(**config)
 
     @classmethod
@@ -896,7 +916,7 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             res = res + rhos[k - 1] * (m[-1 - k] - m0) / rks[k - 1]
         return ratio * x - (scale * phi1) * m0 - (scale * phi1) * res
 
-    def _compensate(self, i: int, prediction: str, ratio: float) -> None:
+    def _compensate(self, i: int, prediction: str, ratio: float | torch.Tensor) -> None:
         """DC-Solver: replace the newest buffered output by its compensated value, for every later use.
 
         As in the reference's ``_step``, the compensated value stays in the buffer (later predictors and the
