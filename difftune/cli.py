@@ -413,7 +413,10 @@ def calibrate(
     ] = None,
     searcher: Annotated[
         str | None,
-        typer.Option(help="nsga2, tpe, gp, random (Optuna) or pymoo-nsga2 (default: the space's own)."),
+        typer.Option(
+            help="nsga2, tpe, gp, random (Optuna), pymoo-nsga2, evo (USF's per-NFE evolution) or s3 (evo "
+            "candidates ranked by a learnt predictor) (default: the space's own)."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="The searcher's seed.")] = 0,
     population: Annotated[

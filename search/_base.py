@@ -13,7 +13,8 @@ searcher what came back::
     searcher.fail(other.number, "interrupted")  # a proposal that will never be told (its worker died)
 
 Implementations: Optuna's samplers (:mod:`difftune.search.optuna_searcher`), pymoo's algorithms through
-their own ask/tell (:mod:`difftune.search.pymoo_searcher`). Searchers are registered by name; an
+their own ask/tell (:mod:`difftune.search.pymoo_searcher`), USF's evolution (:mod:`difftune.search.evo`)
+and S³'s predictor-guided search (:mod:`difftune.search.s3`). Searchers are registered by name; an
 unknown name lists the known ones.
 """
 
@@ -155,8 +156,10 @@ def register_searcher(*names: str, **options: Any) -> Callable[[type[Searcher]],
 
 
 def _load() -> None:
+    import difftune.search.evo
     import difftune.search.optuna_searcher
-    import difftune.search.pymoo_searcher  # noqa: F401
+    import difftune.search.pymoo_searcher
+    import difftune.search.s3  # noqa: F401
 
 
 def searchers() -> tuple[str, ...]:

@@ -186,6 +186,16 @@ def _objective_specs(objectives: Sequence[Any], constraints: Sequence[Any] = ())
     return specs
 
 
+def _objective_names(searcher: str, specs: Sequence[Any]) -> dict[str, Any]:
+    """``objective_names`` for searchers that rank by quality alone at one NFE (evo, s3)."""
+    import inspect
+
+    from difftune.search._base import get_searcher_class
+
+    params = inspect.signature(get_searcher_class(searcher)).parameters
+    return {"objective_names": [s.name for s in specs]} if "objective_names" in params else {}
+
+
 def _population(searcher: str, asked: int | None, budget: int) -> int | None:
     """The population a new study's searcher gets: ``asked``, else the searcher's budget-aware default.
 
@@ -488,6 +498,7 @@ def _job(
         storage=store_url_for_optuna(store),
         study_name=study_rec.optuna_study_name or f"difftune:{study_rec.name}",
         **({"population_size": settings.population} if settings.population is not None else {}),
+        **_objective_names(searcher_name, specs),
     )
     worker = f"{socket.gethostname()}:{os.getpid()}:{_TOKEN}"
     device = str(getattr(pipe, "device", "cpu"))

@@ -183,7 +183,7 @@ class TestPymooNSGA2(SearcherContract):
 
 
 def test_unknown_searcher_lists_the_known_ones():
-    with pytest.raises(difftune.SpaceError, match="known searchers: gp, nsga2, pymoo, pymoo-nsga2, random, tpe"):
+    with pytest.raises(difftune.SpaceError, match="known searchers: evo, gp, nsga2, pymoo, pymoo-nsga2, random, s3, tpe"):
         get_searcher_class("cmaes-ish")
     assert set(searchers()) >= {"nsga2", "tpe", "gp", "random", "pymoo-nsga2"}
 
