@@ -182,6 +182,24 @@ class TestPymooNSGA2(SearcherContract):
         assert all(isinstance(v, bool) for v in p.params.values())
 
 
+class TestEvo(SearcherContract):
+    """USF's evolution: one group (no ``nfe`` variable), ranked by both objectives (no names given)."""
+
+    sampler = "evo"
+
+    def make(self, **kwargs):
+        kwargs.pop("population_size", None)  # steady state: no generations
+        return make_searcher(self.sampler, _variables(), ["minimize", "minimize"], seed=0, **kwargs)
+
+
+class TestS3(TestEvo):
+    sampler = "s3"
+
+    def make(self, **kwargs):
+        kwargs.pop("population_size", None)
+        return make_searcher(self.sampler, _variables(), ["minimize", "minimize"], seed=0, warmup=8, **kwargs)
+
+
 def test_unknown_searcher_lists_the_known_ones():
     with pytest.raises(difftune.SpaceError, match="known searchers: evo, gp, nsga2, pymoo, pymoo-nsga2, random, s3, tpe"):
         get_searcher_class("cmaes-ish")
