@@ -195,7 +195,8 @@ def bench(
         typer.Argument(
             help="Which benchmark: runtime (hooks, solver, SADA, masks), front (tuned vs baseline fronts, "
             "minutes), store (searcher and store overhead, 100k-trial front query), search (random vs seeded "
-            "and screened NSGA-II on ECAD's genome, each space's best point; ~15 minutes)."
+            "and screened NSGA-II on ECAD's genome, each space's best point; ~15 minutes), solver (tuned schedules vs "
+            "DPM-Solver++ / UniPC at NFE 4, 5, 8, tpe vs evo vs s3, DC ratios fitted and CPR-predicted; ~15 minutes)."
         ),
     ] = "runtime",
     repeats: Annotated[int | None, typer.Option(min=3, help="Timed repeats per side (runtime: 7, front: 5).")] = None,
@@ -220,7 +221,8 @@ def bench(
     """Run a benchmark and print each figure as a ratio measured in the same run, against its target."""
     from rich.table import Table
 
-    import difftune.search._bench  # noqa: F401  (registers the search's benchmarks: front, store)
+    import difftune.search._bench
+    import difftune.search._bench_solver  # noqa: F401  (registers solver)
     from difftune.benchmarks import run_benchmark
 
     _quiet_loading()
@@ -394,7 +396,8 @@ def calibrate(
             help="Search space: cache (structured masks), solver (USF schedules), joint (solver + cache), ecad "
             "(ECAD's full cache genome, pymoo NSGA-II), bac (BAC's DP over feature similarity), harmonica "
             "(HarmoniCa's router, trained per l1 value: ~1–2 CPU minutes each), sada (SADA's step skipping and token "
-            "pruning), dc (DC-Solver's per-step ratios, fitted through the denoiser: ~5 s per point). Default ecad: on "
+            "pruning), dc (DC-Solver's per-step ratios, fitted through the denoiser: ~5 s per point), quant (per-block "
+            "weight / activation bits against weight memory as served). Default ecad: on "
             "the embedded model its 100-trial screened search finds points that dominate "
             "the hand-made schedules in 3–4 minutes."
         ),
@@ -526,7 +529,8 @@ def calibrate(
     Spaces: ecad (the default: the full cache mask, step × block × component, evolved by NSGA-II from
     the hand-made schedules), cache (structured cache masks at --steps), solver (USF schedules of --nfe
     evaluations), joint (a solver schedule plus an optional cache mask over its steps), bac, harmonica, sada,
-    dc (DC-Solver compensation ratios fitted per schedule of --nfe evaluations).
+    dc (DC-Solver compensation ratios fitted per schedule of --nfe evaluations), quant (per-block bit-widths;
+    objectives weight_memory_mb, psnr and the guard).
     The baselines (FORA, Δ-DiT, T-GATE-like, DPM-Solver++ / UniPC / DDIM at their best spacing,
     FirstBlockCache, …) run first.
 

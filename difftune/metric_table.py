@@ -41,6 +41,14 @@ METRIC_TABLE: tuple[MetricRow, ...] = (
     ),
     MetricRow("peak_memory_mb", _MIN, "MiB", "peak CUDA memory allocated during the trial's pipeline calls", "cost"),
     MetricRow("flops_ratio", _MIN, "ratio", "FLOPs of one pipeline call / the reference setting's", "cost"),
+    MetricRow(
+        "weight_memory_mb",
+        _MIN,
+        "MiB",
+        "the denoiser's weights as served: quantized layers at their bit-widths plus scales (torchao's own storage "
+        "where its kernels run), every other parameter as it is",
+        "cost",
+    ),
     MetricRow("psnr", _MAX, "dB", "peak signal-to-noise ratio vs the reference image (mean over images)"),
     MetricRow("ssim", _MAX, "", "structural similarity vs the reference image (mean over images)"),
     MetricRow("mse", _MIN, "", "mean squared error vs the reference image, images in [0, 1]"),

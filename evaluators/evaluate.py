@@ -14,6 +14,8 @@ The caller applies the trial's acceleration setting to ``pipe`` (and removes it 
   copies the pipeline for that reason);
 - ``peak_memory_mb``: on CUDA only (the peak allocated over the trial's own image-generating calls,
   reset before them), None on the CPU;
+- ``weight_memory_mb``: the denoiser's weights as they would be served with the quantization active
+  on it (:func:`~difftune.accel.quant.served_weight_memory`), the plain weights without one;
 - image metrics (``psnr``, ``ssim``, ``mse``, ``lpips``, ``fid``, ``class_accuracy``, ``clip_score``)
   from :mod:`~difftune.evaluators.metrics`' registry.
 
@@ -61,7 +63,7 @@ DEFAULT_METRICS: tuple[str, ...] = (
     "ssim",
     "mse",
 )
-_COST_METRICS = ("nfe", "flops_ratio", "latency_ms", "speedup", "speedup_spread", "peak_memory_mb")
+_COST_METRICS = ("nfe", "flops_ratio", "latency_ms", "speedup", "speedup_spread", "peak_memory_mb", "weight_memory_mb")
 _OOM_ERRORS: tuple[type[BaseException], ...] = (
     getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),
     MemoryError,
@@ -299,6 +301,10 @@ def _evaluate(
         results[name] = _check_value(name, metric.compute())
     if "nfe" in names:
         results["nfe"] = counter.calls / len(batches)
+    if "weight_memory_mb" in names:
+        from difftune.accel.quant import served_weight_memory
+
+        results["weight_memory_mb"] = served_weight_memory(denoiser).quantized_bytes / 2**20
     if flops is not None:
         ref_flops = reference.flops(batches[0])
         if ref_flops <= 0:

@@ -1116,7 +1116,11 @@ def run_study(
         screen_eta=3 if screen_eta is None else screen_eta,
     )
     pipe, info = _prepare_pipeline(settings, pipeline)
-    chosen_objectives = requested if requested is not None else default_objectives(info.family)
+    chosen_objectives: Sequence[Any] = (
+        requested
+        if requested is not None
+        else (space_obj.default_objectives(info.family) or default_objectives(info.family))
+    )
     specs = _objective_specs(chosen_objectives, settings.constraints)
     _validate(settings, specs, bounds, pipe, info)
     model_name = settings.model if isinstance(model, str) else info.name

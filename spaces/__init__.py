@@ -43,6 +43,7 @@ from .dc import DCSpace
 from .ecad import EcadSpace
 from .harmonica import HarmoniCaSpace
 from .joint import JointSpace
+from .quant import QuantSpace
 from .sada import SADASpace
 from .solver import SolverSpace
 
@@ -55,6 +56,7 @@ __all__ = [
     "HarmoniCaSpace",
     "JointSpace",
     "NamedPoint",
+    "QuantSpace",
     "Repaired",
     "SADASpace",
     "SolverSpace",

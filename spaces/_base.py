@@ -401,6 +401,10 @@ class Space(ABC):
     def variables(self, context: SpaceContext) -> list[Variable]:
         """The searched dimensions for ``context`` (names unique; their count may depend on the model)."""
 
+    def default_objectives(self, family: str) -> tuple[tuple[str, str], ...] | None:
+        """The objectives of a study of this space that names none; None: the runner's (speed, fidelity, guard)."""
+        return None
+
     def default_params(self, context: SpaceContext) -> dict[str, Any]:
         """Every variable at its default."""
         return {v.name: v.default for v in self.variables(context)}

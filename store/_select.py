@@ -4,7 +4,7 @@
 
     select      := goal [ "where" constraint { "and" constraint } ]
     goal        := "fastest"            max speedup (or, without speedup, min latency_ms)
-                 | "smallest"           min peak_memory_mb
+                 | "smallest"           min weight_memory_mb (quantization studies), else min peak_memory_mb
                  | "best" METRIC        the metric's own direction
                  | "lowest" METRIC | "highest" METRIC
     constraint  := METRIC (">=" | "<=" | ">" | "<" | "==") NUMBER
@@ -91,7 +91,8 @@ def parse_constraint(value: Constraint | str) -> Constraint:
 class Goal:
     """What to optimise among the points that meet the constraints.
 
-    ``metric`` is ``None`` for ``fastest`` (speedup or latency_ms, whichever the points have);
+    ``metric`` is ``None`` for ``fastest`` (speedup or latency_ms, whichever the points have) and
+    ``smallest`` (weight_memory_mb or peak_memory_mb);
     ``direction`` is ``None`` for ``best METRIC`` (the metric's own direction).
     """
 
@@ -129,7 +130,7 @@ def _parse_goal(text: str, expr: str) -> Goal:
     if head in ("fastest", "smallest"):
         if len(words) != 1:
             raise _bad(expr, f"{head!r} takes no metric")
-        return Goal("fastest") if head == "fastest" else Goal("smallest", "peak_memory_mb", "minimize")
+        return Goal("fastest") if head == "fastest" else Goal("smallest")
     directions: dict[str, Direction | None] = {
         "best": None,
         "lowest": "minimize",
@@ -202,7 +203,13 @@ def _resolve(
 
     goal = selection.goal
     direction: Direction
-    if goal.metric is None:  # fastest
+    if goal.metric is None and goal.word == "smallest":
+        # The weights as served where the trials measured them (a quantization study), else the CUDA peak.
+        metric = "weight_memory_mb" if "weight_memory_mb" in known else "peak_memory_mb"
+        if metric not in known:
+            raise unknown(metric)
+        direction = "minimize"
+    elif goal.metric is None:  # fastest
         if "speedup" in known:
             metric, direction = "speedup", "maximize"
         elif "latency_ms" in known:

@@ -59,11 +59,13 @@ __all__ = [
     "QuantSpec",
     "QuantizedRows",
     "WeightMemory",
+    "active_quantization",
     "apply_quantization",
     "dequantize_rows",
     "fake_quantize",
     "quantization_report",
     "quantize_rows",
+    "served_weight_memory",
     "torchao_available",
     "weight_memory_bytes",
 ]
@@ -547,10 +549,17 @@ class QuantHandle(CompositeHandle):
 
 
 _REPORTS: weakref.WeakKeyDictionary[nn.Module, dict[str, str]] = weakref.WeakKeyDictionary()
+_ACTIVE: weakref.WeakKeyDictionary[nn.Module, QuantConfig] = weakref.WeakKeyDictionary()
 
 
 def _forget(denoiser: nn.Module) -> None:
     _REPORTS.pop(denoiser, None)
+    _ACTIVE.pop(denoiser, None)
+
+
+def active_quantization(target: Any) -> QuantConfig | None:
+    """The :class:`QuantConfig` applied to ``target`` (a pipeline or its denoiser) and not yet removed, or None."""
+    return _ACTIVE.get(_denoiser(target))
 
 
 def quantization_report(target: Any) -> dict[str, str]:
@@ -631,6 +640,7 @@ def apply_quantization(pipe: Any, config: QuantConfig, *, strict: bool = True) -
         handle.remove()
         raise
     _REPORTS[denoiser] = handle.report
+    _ACTIVE[denoiser] = config
     return handle
 
 
@@ -703,3 +713,39 @@ def weight_memory_bytes(module: Any, config: QuantConfig) -> WeightMemory:
         stored_as = quantized.get(id(parameter))
         total += size if stored_as is None else _quantized_weight_bytes(parameter, stored_as)
     return WeightMemory(quantized_bytes=total, original_bytes=original, quantized_layers=len(quantized))
+
+
+def _stored_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a parameter occupies: a tensor subclass (torchao's quantized weights) by its inner tensors."""
+    flatten = getattr(type(tensor), "__tensor_flatten__", None)
+    if flatten is not None and type(tensor) not in (torch.Tensor, nn.Parameter):
+        names, _ = tensor.__tensor_flatten__()  # type: ignore[attr-defined]
+        return sum(_stored_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def served_weight_memory(target: Any) -> WeightMemory:
+    """The denoiser's weights as they would be served with the quantization active on it now.
+
+    Layers torchao runs count what torchao stores (int8 data, scales, zero points); layers the
+    simulated backend runs count their bit-width plus scales (:func:`weight_memory_bytes`: what a
+    real kernel would store); everything else its own bytes. With no quantization active, every
+    parameter as it is (``quantized_bytes == original_bytes``).
+    """
+    denoiser = _denoiser(target)
+    config = _ACTIVE.get(denoiser)
+    report = _REPORTS.get(denoiser, {})
+    simulated: dict[int, QuantSpec] = {}
+    if config is not None:
+        for path, (layer, spec) in _layer_specs(denoiser, config).items():
+            if report.get(path) == "simulated" and spec.weight_bits < 16:
+                simulated.setdefault(id(_weight(layer)), spec)
+    total = original = 0
+    for parameter in denoiser.parameters():
+        stored_as = simulated.get(id(parameter))
+        total += _stored_bytes(parameter) if stored_as is None else _quantized_weight_bytes(parameter, stored_as)
+        original += parameter.numel() * parameter.element_size()
+    torchao_layers = sum(1 for label in report.values() if label.startswith("torchao"))
+    return WeightMemory(
+        quantized_bytes=total, original_bytes=original, quantized_layers=len(simulated) + torchao_layers
+    )

@@ -44,7 +44,7 @@ FRONT = [
     [
         ("fastest", Selection(Goal("fastest"))),
         ("best psnr", Selection(Goal("best", "psnr"))),
-        ("smallest", Selection(Goal("smallest", "peak_memory_mb", "minimize"))),
+        ("smallest", Selection(Goal("smallest"))),
         ("lowest lpips", Selection(Goal("lowest", "lpips", "minimize"))),
         ("highest ssim", Selection(Goal("highest", "ssim", "maximize"))),
         ("fastest where psnr>=30", Selection(Goal("fastest"), (Constraint("psnr", ">=", 30.0),))),
@@ -130,6 +130,17 @@ def test_fastest_falls_back_to_latency() -> None:
     front = [record(0, latency_ms=300.0, psnr=25.0), record(1, latency_ms=200.0, psnr=22.0)]
     assert select_point(front, "fastest").number == 1
     assert select_point(front, "fastest where psnr>=24").number == 0
+
+
+def test_smallest_is_the_served_weights_where_trials_measured_them() -> None:
+    front = [
+        record(0, weight_memory_mb=8.1, peak_memory_mb=100.0, psnr=100.0),
+        record(1, weight_memory_mb=1.1, peak_memory_mb=120.0, psnr=22.0),
+        record(2, weight_memory_mb=2.1, peak_memory_mb=90.0, psnr=45.0),
+    ]
+    assert select_point(front, "smallest").number == 1
+    assert select_point(front, "smallest where psnr>=40").number == 2
+    assert select_point([record(0, peak_memory_mb=5.0), record(1, peak_memory_mb=4.0)], "smallest").number == 1
 
 
 def test_best_uses_the_stored_direction() -> None:
