@@ -444,3 +444,21 @@ def test_a_cache_section_applies_after_torchao_quantization(embedded_pipe):
     assert not torch.equal(out, base) and torch.isfinite(out).all()
     assert torch.equal(_run(embedded_pipe), base)
     assert difftune.describe(embedded_pipe).fingerprint == info.fingerprint
+
+
+def test_served_weight_memory_reads_torchaos_own_storage(embedded_pipe):
+    # int8 weights and one float32 scale per output channel: what the simulated count predicts, now measured.
+    _need_torchao()
+    from difftune.accel.quant import served_weight_memory
+
+    config = QuantConfig("torchao", QuantSpec(8), KEEP_PATCH_CONV)
+    predicted = weight_memory_bytes(embedded_pipe, config)
+    handle = config.apply(embedded_pipe)
+    try:
+        served = served_weight_memory(embedded_pipe)
+    finally:
+        handle.remove()
+    assert served.quantized_layers == 56
+    assert served.original_bytes == predicted.original_bytes
+    assert abs(served.quantized_bytes - predicted.quantized_bytes) <= 0.02 * predicted.quantized_bytes
+    assert served.quantized_bytes < predicted.original_bytes / 3
