@@ -1009,6 +1009,76 @@ def import_ecad(
     )
 
 
+@app.command()
+def cpr(
+    model: Annotated[str, typer.Option(help="'embedded', a diffusers pipeline directory, or a cached hub id.")] = (
+        "embedded"
+    ),
+    nfe: Annotated[str, typer.Option(help="NFEs to fit DC ratios at, comma-separated.")] = "4,5,6,8,10",
+    guidance: Annotated[str, typer.Option(help="Guidance scales to fit at, comma-separated.")] = "1.5,3",
+    samples: Annotated[int, typer.Option(min=1, help="Calibration samples per fit (the reference: 10).")] = 10,
+    predict: Annotated[
+        list[str] | None, typer.Option(help="NFE@GUIDANCE to predict ratios for, e.g. 7@1.5 (repeatable).")
+    ] = None,
+) -> None:
+    """Fit DC-Solver's cascade polynomial (CPR) for a model and store it; print the ratios it predicts.
+
+    DC ratios are fitted through the denoiser at every NFE × guidance (UniPC as DC-Solver's reference
+    runs it, ending at sigma_min; fits are cached), the 36 coefficients by least squares, and the
+    polynomial is stored per model fingerprint: the `dc` space then adds UniPC with CPR-predicted
+    ratios at the study's guidance to its baselines. Exit 2 on bad input.
+    """
+    from rich.table import Table
+
+    def numbers(text: str, what: str, kind: Any) -> list[Any]:
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}", param_hint=what) from None
+        if not values:
+            raise typer.BadParameter("give at least one value", param_hint=what)
+        return values
+
+    nfes, scales = numbers(nfe, "--nfe", int), numbers(guidance, "--guidance", float)
+    if min(nfes) < 3:
+        raise typer.BadParameter("DC ratios need at least 3 steps (the first two are fixed at 1)", param_hint="--nfe")
+    targets = []
+    for item in predict or []:
+        n, _, g = item.partition("@")
+        try:
+            targets.append((int(n), float(g)))
+        except ValueError:
+            raise typer.BadParameter(
+                f"expected NFE@GUIDANCE such as 7@1.5, got {item!r}", param_hint="--predict"
+            ) from None
+    _quiet_loading()
+    from difftune.evaluators import CalibrationSet
+    from difftune.models import load_pipeline
+    from difftune.search.dc import fit_model_cpr
+
+    with console.status(f"loading {model} …"):
+        pipe = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    chosen = CalibrationSet.for_pipeline(pipe)[:samples]
+    table = Table(title="DC ratios fitted")
+    for col in ("NFE", "guidance", "ratios", "seconds"):
+        table.add_column(col)
+    settings = [(n, g) for g in scales for n in nfes]
+    with console.status("fitting DC ratios …") as status:
+
+        def on_fit(n: int, g: float, fit: Any) -> None:
+            status.update(f"fitting DC ratios: NFE {n}, guidance {g:g} done")
+            seconds = "cached" if fit.from_cache else f"{fit.seconds:.1f}"
+            table.add_row(str(n), f"{g:g}", ", ".join(f"{r:.3f}" for r in fit.ratios), seconds)
+
+        polynomial, path = fit_model_cpr(pipe, settings, chosen, progress=on_fit)
+    console.print(table)
+    console.print(f"wrote the model's CPR to {path}")
+    for at_nfe_value, at_scale in targets:
+        ratios = ", ".join(f"{r:.3f}" for r in polynomial.ratios(at_nfe_value, at_scale))
+        console.print(f"predicted at NFE {at_nfe_value}, guidance {at_scale:g}: [{ratios}]")
+
+
 def _quiet_libraries() -> None:
     """Keep stderr for difftune's own one-line errors: libraries' log chatter (diffusers' loading notes,
     optional-kernel probes of torchao, torch's deprecation logs) is shown only with DIFFTUNE_VERBOSE=1."""

@@ -3,12 +3,14 @@
 On the embedded model, for each NFE in ``nfes`` (4, 5, 8):
 
 - one ``solver`` study per searcher (``tpe``, ``evo``, ``s3``) at that NFE alone (``nfe_range=(n, n)``),
-  ``budget`` finished trials, the reference setting the plain pipeline at ``reference_steps`` (200)
-  steps, so the studies' PSNR is fidelity to a near-exact ODE solution. Each study evaluates the
-  baselines first (DPM-Solver++(2M), UniPC, DDIM at their measured best spacing);
+  ``budget`` finished trials, against the study's usual reference setting (the plain pipeline at
+  ``study_steps``, 20: every trial times the reference beside itself, so a 200-step reference
+  would cost ten times the search). Each study evaluates the baselines first (DPM-Solver++(2M),
+  UniPC, DDIM at their measured best spacing);
 - **held-out MSE**: the best *searched* schedule of all studies (highest calibration PSNR; baselines
   excluded) and the two baselines are re-run on ``held_out`` samples with seeds the search never
-  saw, against the same 200-step reference: tuned MSE ÷ DPM-Solver++'s (target ≤ 0.15, must ≤ 0.3)
+  saw, against the plain pipeline at ``reference_steps`` (200, a near-exact ODE solution): tuned
+  MSE ÷ DPM-Solver++'s (target ≤ 0.15, must ≤ 0.3)
   and ÷ UniPC's (target ≤ 0.2, must ≤ 0.35); the detail gives the tuned and baseline calibration
   class accuracy and sharpness;
 - **evaluations to reach**: for each searcher, its searched full evaluations (after the baselines,
@@ -77,6 +79,7 @@ def bench_solver(
     nfes: Sequence[int] = (4, 5, 8),
     searchers: Sequence[str] = ("tpe", "evo", "s3"),
     reference_steps: int = 200,
+    study_steps: int = 20,
     held_out: int = 40,
     progress: Any = None,
     storage_dir: str | None = None,
@@ -112,7 +115,7 @@ def bench_solver(
                     storage=url,
                     study=f"nfe{n}-{name}",
                     nfe_range=(n, n),
-                    num_inference_steps=reference_steps,
+                    num_inference_steps=study_steps,
                     samples=samples,
                     seed=seed,
                     progress=progress,

@@ -22,7 +22,9 @@ Variables:
 
 Default searcher: TPE. Baselines: at every NFE in range, the plain base schedule (ρ = 1: UniPC as the
 reference runs it) and DC-Solver as its reference runs (UniPC, σ_min, reference targets, free
-ratios; fitted, so it needs ``context.pipeline``).
+ratios; fitted, so it needs ``context.pipeline``); and, when the model has a stored CPR
+(``difftune cpr``, :func:`~difftune.search.dc.fit_model_cpr`), UniPC with the ratios it predicts at
+the study's guidance — no fitting at all.
 """
 
 from __future__ import annotations
@@ -195,4 +197,38 @@ class DCSpace(Space):
                         "200-step DDIM (AdamW lr 0.1, 20 iterations per step)",
                     )
                 )
+        out += self._cpr_points(context)
+        return out
+
+    def _cpr_points(self, context: SpaceContext) -> list[NamedPoint]:
+        """UniPC with ratios predicted by the model's stored CPR (``difftune cpr``), where there is one."""
+        import inspect
+
+        from difftune.search.dc import model_cpr, with_ratios
+
+        cpr = model_cpr(context.info.fingerprint, self._options.get("cache_dir"))
+        guidance = context.guidance_scale
+        if guidance is None and context.pipeline is not None:
+            default = inspect.signature(context.pipeline.__call__).parameters.get("guidance_scale")
+            guidance = default.default if default is not None and isinstance(default.default, (int, float)) else None
+        if cpr is None or guidance is None:
+            return []
+        lo, hi = context.nfe_range
+        flow = self._flow(context)
+        fitted_at = ", ".join(f"{n}@{g:g}" for n, g in cpr.settings)
+        out = []
+        for n in range(max(lo, 3), hi + 1):
+            params = {"nfe": n, **_REFERENCE}
+            if flow:
+                params.pop("final_sigma")
+            schedule = with_ratios(self.schedule(params, context), cpr.ratios(n, float(guidance)))
+            out.append(
+                NamedPoint(
+                    f"dc_cpr_nfe{n}",
+                    {"solver": schedule},
+                    None,
+                    f"UniPC with ratios predicted by the model's stored CPR at guidance {guidance:g} (fitted at "
+                    f"NFE@CFG {fitted_at})",
+                )
+            )
         return out

@@ -55,7 +55,7 @@ class QuantSpace(Space):
     """
 
     default_searcher = "nsga2"
-    default_budget = 40
+    default_budget = 24
     sections = ("quantization",)
 
     def __init__(self, *, backend: str = "simulated", cache_dir: str | Path | None = None) -> None:

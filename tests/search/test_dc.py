@@ -215,12 +215,19 @@ def test_cpr_evaluates_the_reference_cascade_and_recovers_it_by_least_squares(tm
         assert cpr.ratio(6, 7.5, step) == pytest.approx(_reference_predict(coeffs, 7.5, 6, step), rel=1e-12)
     assert float(_features(5, 3.0, 4) @ coeffs) == pytest.approx(_reference_predict(coeffs, 3.0, 5, 4), rel=1e-12)
     fits = [(n, g, cpr.ratios(n, g)) for n in (4, 5, 6, 8, 10, 12) for g in (1.5, 4.0, 7.5)]
-    fitted = fit_cpr(fits, fingerprint="abc")
+    fitted = fit_cpr(fits, fingerprint="abc", ridge=0.0)
     assert fitted.settings[0] == (4, 1.5)
     assert np.allclose(fitted.ratios(7, 3.0), cpr.ratios(7, 3.0), atol=1e-8)  # a setting never fitted
     path = fitted.save(CascadePolynomial.path_for("abc", tmp_path))
     assert path == tmp_path / "abc" / "cpr.json"
     assert CascadePolynomial.load(path) == fitted
+    # The default ridge barely moves a well-determined fit, and keeps an underdetermined one near ratio 1.
+    assert np.allclose(fit_cpr(fits).ratios(7, 3.0), cpr.ratios(7, 3.0), atol=0.05)
+    one = [(5, 1.5, [1.0, 1.0, 0.8, 0.8, 1.2])]
+    assert np.allclose(fit_cpr(one).ratios(5, 1.5), one[0][2], atol=0.1)  # shrunk a little towards 1
+    assert all(0.5 < r < 1.5 for r in fit_cpr(one).ratios(12, 7.5))
+    with pytest.raises(SpaceError, match="ridge"):
+        fit_cpr(one, ridge=-1.0)
     with pytest.raises(SpaceError, match="36"):
         CascadePolynomial((1.0,) * 35)
     with pytest.raises(SpaceError, match="ratios given"):
@@ -240,3 +247,26 @@ def test_cpr_predicted_ratios_beat_rho_one_at_an_nfe_never_fitted(embedded_pipe,
     plain = float(((_sample(embedded_pipe, schedule, HELD_OUT) - held_out_reference) ** 2).mean())
     dc = float(((_sample(embedded_pipe, predicted, HELD_OUT) - held_out_reference) ** 2).mean())
     assert dc < 0.9 * plain  # measured 0.83 here (0.74 from 10 settings × 10 samples); nothing fitted at NFE 7
+
+
+def test_the_cpr_command_stores_the_models_polynomial_and_the_dc_space_uses_it(
+    embedded_pipe, tmp_path, monkeypatch, capsys
+):
+    from difftune.cli import main
+    from difftune.models import describe
+    from difftune.search.dc import model_cpr
+    from difftune.spaces import SpaceContext, get_space
+
+    monkeypatch.setenv("DIFFTUNE_CACHE", str(tmp_path))
+    main(["cpr", "--nfe", "4,5", "--guidance", "1.5,3", "--samples", "2", "--predict", "6@1.5"])
+    out = capsys.readouterr().out
+    assert "wrote the model's CPR" in out and "predicted at NFE 6, guidance 1.5: [1.000, 1.000," in out
+    cpr = model_cpr(describe(embedded_pipe).fingerprint)
+    assert cpr is not None and cpr.settings == ((4, 1.5), (5, 1.5), (4, 3.0), (5, 3.0))
+    ctx = SpaceContext.from_pipeline(embedded_pipe, nfe_range=(5, 6), spacing_samples=2, guidance_scale=1.5)
+    points = {p.name: p for p in get_space("dc").baselines(ctx)}
+    predicted = points["dc_cpr_nfe6"].sections["solver"]
+    assert [s.dc_ratio for s in predicted.steps] == pytest.approx(cpr.ratios(6, 1.5))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["cpr", "--nfe", "2,4"])
+    assert exit_info.value.code == 2
