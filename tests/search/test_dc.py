@@ -146,6 +146,14 @@ def test_the_model_function_reproduces_the_guided_output_of_each_pipeline(embedd
 
     from tests.models.tiny_pipelines import build
 
+    # A bfloat16 pipeline combines its halves in bfloat16: still identified, within that precision.
+    import difftune
+
+    half = difftune.load_pipeline("embedded", torch_dtype=torch.bfloat16)
+    half.set_progress_bar_config(disable=True)
+    model, error = _identify(half, {**batch_kwargs(TRAIN[:2]), "num_inference_steps": 2, "guidance_scale": 3})
+    assert model.combine == pytest.approx((3.0, -2.0), rel=0.05) and error < 0.05
+
     sd, kwargs = build("sd")
     call = {**kwargs, "num_inference_steps": 2, "guidance_scale": 5.0, "output_type": "latent"}
     model, error = _identify(sd, call)
