@@ -144,10 +144,9 @@ def test_the_model_function_reproduces_the_guided_output_of_each_pipeline(embedd
     model, error = _identify(embedded_pipe, {**batch_kwargs(TRAIN[:2]), "num_inference_steps": 2, "guidance_scale": 1})
     assert model.copies == 1 and model.combine is None and error < 1e-6
 
-    from tests.models.tiny_pipelines import build
-
     # A bfloat16 pipeline combines its halves in bfloat16: still identified, within that precision.
     import difftune
+    from tests.models.tiny_pipelines import build
 
     half = difftune.load_pipeline("embedded", torch_dtype=torch.bfloat16)
     half.set_progress_bar_config(disable=True)
