@@ -350,9 +350,11 @@ def _front_table(study: Any, trials: list[Any], title: str | None = None, constr
 def _select_hint(study: Any, trials: list[Any]) -> str:
     """A --select expression that some point of the front satisfies, for the printed next commands."""
     psnr = sorted((v for t in trials if (v := t.value("psnr")) is not None and v < 99), reverse=True)
-    if "speedup" in {o.name for o in study.objectives} and psnr:
-        bound = math.floor(psnr[len(psnr) // 2])
-        return f"fastest where psnr>={bound}"
+    names = {o.name for o in study.objectives}
+    for metric, goal in (("speedup", "fastest"), ("weight_memory_mb", "smallest")):
+        if metric in names and psnr:
+            bound = math.floor(psnr[len(psnr) // 2])
+            return f"{goal} where psnr>={bound}"
     return f"best {study.objectives[0].name}"
 
 

@@ -141,6 +141,9 @@ def test_a_quant_study_measures_weight_memory_and_exports_a_smaller_profile(tmp_
     for trial in trials:
         profile = difftune.load_profile(trial.config["profile"])
         assert profile.quantization is not None and profile.quantization.backend == "simulated"
+    from difftune.cli import _select_hint
+
+    assert _select_hint(result.study, trials).startswith("smallest where psnr>=")  # the printed next command
     searched = next(t for t in trials if t.kind == "searched")
     handle = difftune.apply_profile(embedded_pipe, difftune.load_profile(searched.config["profile"]))
     try:
