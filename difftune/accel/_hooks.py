@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -96,7 +97,11 @@ class StepTracker:
     """Counts sampling steps and the denoiser calls within each step.
 
     A step ends when the timestep given to the denoiser changes; a second call with the same
-    timestep (pipelines that run the unconditional pass separately) is call 1 of the same step. A
+    timestep (pipelines that run the unconditional pass separately) is call 1 of the same step.
+    Where the run began with the scheduler's ``set_timesteps`` and its timesteps are strictly
+    decreasing, the step index is the timestep's
+    position among them (counted from the run's first), so a step skipped without a denoiser call
+    (SADA) still advances it. A
     new sampling run starts when the pipeline calls its scheduler's ``set_timesteps`` or the
     timestep goes up again; every listener's ``reset()`` then runs.
     """
@@ -113,6 +118,9 @@ class StepTracker:
         self._scheduler = scheduler
         self._mirror: list[float] = []
         self._mirror_key: tuple[int, ...] | None = None
+        self._positions: dict[float, int] = {}
+        self._positions_key: tuple[int, ...] | None = None
+        self._first_position: int | None = None
         self.handle = CompositeHandle([wrap_forward(denoiser, self._on_forward)])
         if scheduler is not None and hasattr(scheduler, "set_timesteps"):
             self.handle.add(self._wrap_set_timesteps(scheduler))
@@ -188,6 +196,41 @@ class StepTracker:
             self._mirror_key = key
         return float(self._mirror[index])
 
+    @torch.compiler.disable  # plain Python bookkeeping: traced, its dict would put a guard on every entry
+    def _position(self, t: float) -> int | None:
+        """Where ``t`` stands in the scheduler's timesteps (``t`` or ``t``·1000, as Flux pipelines pass
+        it), when they are strictly decreasing — so each value names one step; None otherwise."""
+        timesteps = getattr(self._scheduler, "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor) or timesteps.dim() != 1 or not len(timesteps) or math.isnan(t):
+            return None
+        if self.num_steps != len(timesteps):
+            return None  # this run did not start from set_timesteps: the timesteps may not be its own
+        key = (
+            int(timesteps.untyped_storage().data_ptr()),
+            int(timesteps.storage_offset()),
+            len(timesteps),
+            int(timesteps._version),
+        )
+        if self._positions_key != key:
+            values = [float(v) for v in timesteps.detach().cpu().tolist()]  # one synchronisation per run
+            decreasing = all(a > b for a, b in itertools.pairwise(values))
+            self._positions = {v: i for i, v in enumerate(values)} if decreasing else {}
+            self._positions_key = key
+        found = self._positions.get(t)
+        if found is None and self._positions:
+            found = self._positions.get(float(torch.tensor(t * 1000.0, dtype=timesteps.dtype)))
+        return found
+
+    def _advance(self, t: float) -> None:
+        """A new step: the next one, or further on when the scheduler's timesteps say that steps were
+        skipped without a denoiser call (SADA skips whole steps; a cache mask must still index the
+        scheduler's step, not the count of calls)."""
+        step = self.step + 1
+        position = self._position(t)
+        if position is not None and self._first_position is not None:
+            step = max(step, position - self._first_position)
+        self.step, self.call = step, 0
+
     def _on_forward(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         t = self._timestep(args, kwargs)
         last = self._last_t
@@ -196,14 +239,16 @@ class StepTracker:
                 self.start_run(None)
             self._fresh = False
             self.step, self.call = 0, 0
+            self._first_position = self._position(t)
         elif t == last or (math.isnan(t) and math.isnan(last)):
             self.call += 1
         elif t < last or math.isnan(t):
-            self.step, self.call = self.step + 1, 0
+            self._advance(t)
         else:  # the timestep went up: a new sampling run without set_timesteps
             self.start_run(None)
             self._fresh = False
             self.step, self.call = 0, 0
+            self._first_position = self._position(t)
         self._last_t = t
         for listener in self._listeners:
             on_call = getattr(listener, "on_call", None)

@@ -421,3 +421,30 @@ def test_infinite_thresholds_survive_strict_json():
         config = SADAConfig(threshold=value)
         text = json.dumps(config.to_dict(), allow_nan=False)
         assert SADAConfig.from_dict(json.loads(text)) == config
+
+
+def test_hooks_after_sada_see_the_schedulers_step_not_the_call_count(pipe):
+    """Hooks on the denoiser index the scheduler's steps whether or not SADA's skipped calls reach them."""
+    from difftune.accel._hooks import StepTracker
+
+    outer: list[int] = []
+    inner: list[int] = []
+
+    def listener(seen):
+        return type("L", (), {"reset": lambda self: None, "on_call": lambda self, tr: seen.append(tr.step)})()
+
+    below = StepTracker(pipe.transformer, pipe.scheduler)  # a hook applied before SADA: SADA's skips bypass it
+    below.add_listener(listener(inner))
+    handle = SADAConfig(**STEP_ONLY).apply(pipe)
+    above = StepTracker(pipe.transformer, pipe.scheduler)  # after SADA (a profile's cache section): sees every call
+    above.add_listener(listener(outer))
+    try:
+        _run(pipe)
+        stats = handle.stats
+    finally:
+        above.remove()
+        handle.remove()
+        below.remove()
+    assert len(stats.skipped) >= 10
+    assert inner == [s for s in range(STEPS) if s not in stats.skipped]
+    assert outer == list(range(STEPS))

@@ -69,3 +69,37 @@ def test_no_host_synchronisation_per_denoiser_call_on_cuda():
         torch.cuda.set_sync_debug_mode("default")
     assert tracker.step == 2
     tracker.remove()
+
+
+def _steps_seen(scheduler, calls, set_timesteps=True):
+    tracker = StepTracker(Denoiser(), scheduler)
+    seen = []
+    tracker.add_listener(SimpleNamespace(reset=lambda: None, on_call=lambda tr: seen.append(tr.step)))
+    if scheduler is not None and set_timesteps:
+        tracker.start_run(len(scheduler.timesteps))  # what the wrapped set_timesteps does
+    x = torch.zeros(2)
+    for t in calls:
+        tracker.denoiser(x, t)
+    tracker.remove()
+    return seen
+
+
+def test_a_step_skipped_without_a_denoiser_call_still_advances_the_step():
+    scheduler = SimpleNamespace(timesteps=torch.tensor([999.0, 750.0, 500.0, 250.0, 1.0]))
+    ts = scheduler.timesteps
+    # SADA skips step 2 (no call at 500): the call at 250 is step 3, not the third call
+    assert _steps_seen(scheduler, [ts[0], ts[1], ts[3], ts[4]]) == [0, 1, 3, 4]
+    # counted from the run's first timestep (img2img starts part-way down the schedule)
+    assert _steps_seen(scheduler, [ts[1], ts[2], ts[4]]) == [0, 1, 3]
+    # Flux pipelines pass t / 1000
+    assert _steps_seen(scheduler, [ts[0] / 1000, ts[2] / 1000, ts[3] / 1000]) == [0, 2, 3]
+
+
+def test_repeated_or_unknown_timesteps_fall_back_to_counting_steps():
+    heun = SimpleNamespace(timesteps=torch.tensor([999.0, 500.0, 500.0, 1.0]))  # two calls at 500
+    assert _steps_seen(heun, [999.0, 500.0, 1.0]) == [0, 1, 2]
+    plain = SimpleNamespace(timesteps=torch.tensor([999.0, 500.0, 1.0]))
+    assert _steps_seen(plain, [998.0, 400.0, 3.0]) == [0, 1, 2]  # not the scheduler's values
+    assert _steps_seen(None, [999.0, 500.0, 1.0]) == [0, 1, 2]  # no scheduler at all
+    # a run that did not begin with set_timesteps (a denoiser called directly): the timesteps may not be its own
+    assert _steps_seen(plain, [999.0, 1.0], set_timesteps=False) == [0, 1]
