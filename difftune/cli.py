@@ -196,7 +196,9 @@ def bench(
             help="Which benchmark: runtime (hooks, solver, SADA, masks), front (tuned vs baseline fronts, "
             "minutes), store (searcher and store overhead, 100k-trial front query), search (random vs seeded "
             "and screened NSGA-II on ECAD's genome, each space's best point; ~15 minutes), solver (tuned schedules vs "
-            "DPM-Solver++ / UniPC at NFE 4, 5, 8, tpe vs evo vs s3, DC ratios fitted and CPR-predicted; ~15 minutes)."
+            "DPM-Solver++ / UniPC at NFE 4, 5, 8, tpe vs evo vs s3, DC ratios fitted and CPR-predicted; ~15 minutes), "
+            "joint (solver × cache × SADA × quantization vs the four single spaces at equal evaluations, naive "
+            "stacks vs the joint front, SADA tuned vs τ = 0 at 50 steps, the quant front; ~20 minutes)."
         ),
     ] = "runtime",
     repeats: Annotated[int | None, typer.Option(min=3, help="Timed repeats per side (runtime: 7, front: 5).")] = None,
@@ -204,7 +206,9 @@ def bench(
     budget: Annotated[
         int | None,
         typer.Option(
-            min=1, help="front / store / search: finished trials of the (joint / random-start) study (200 / 16 / 96)."
+            min=1,
+            help="front / store / search / joint: finished trials of the (joint / random-start / each) study "
+            "(200 / 16 / 96 / 64).",
         ),
     ] = None,
     samples: Annotated[
@@ -222,7 +226,8 @@ def bench(
     from rich.table import Table
 
     import difftune.search._bench
-    import difftune.search._bench_solver  # noqa: F401  (registers solver)
+    import difftune.search._bench_joint
+    import difftune.search._bench_solver  # noqa: F401  (registers solver, joint)
     from difftune.benchmarks import run_benchmark
 
     _quiet_loading()
@@ -525,12 +530,22 @@ def calibrate(
             "points that miss it as infeasible."
         ),
     ] = None,
+    stack_from: Annotated[
+        str | None,
+        typer.Option(
+            help="joint space: comma-separated solver / cache / sada / quant studies of this model in the same "
+            "database; their best points at PSNR >= 25 / 30 / 35 dB are stacked and measured as baselines "
+            "stack_psnr25 … (the naive stack), and the report after the front sets each beside the joint search's "
+            "best point at least as fast (and as small)."
+        ),
+    ] = None,
 ) -> None:
     """Run or resume a study until it holds --budget finished trials; print its Pareto front.
 
     Spaces: ecad (the default: the full cache mask, step × block × component, evolved by NSGA-II from
     the hand-made schedules), cache (structured cache masks at --steps), solver (USF schedules of --nfe
-    evaluations), joint (a solver schedule plus an optional cache mask over its steps), bac, harmonica, sada,
+    evaluations), joint (a solver schedule plus, each optional, a cache mask over its steps, SADA and per-block
+    quantization; objectives speedup, psnr, weight_memory_mb and the guard), bac, harmonica, sada,
     dc (DC-Solver compensation ratios fitted per schedule of --nfe evaluations), quant (per-block bit-widths;
     objectives weight_memory_mb, psnr and the guard).
     The baselines (FORA, Δ-DiT, T-GATE-like, DPM-Solver++ / UniPC / DDIM at their best spacing,
@@ -588,8 +603,10 @@ def calibrate(
             objectives=[objectives] if objectives else None,
             constraints=list(constraint or []),
             on_start=_on_start("calibrating"),
+            stack_from=[n.strip() for n in stack_from.split(",") if n.strip()] if stack_from else (),
         )
     console.print(_front_table(result.study, result.front, constraints=result.constraints))
+    _print_stack_report(result, storage)
     failed = f", {result.failed} failed" if result.failed else ""
     console.print(
         f"study {result.study.name!r} holds {result.finished} finished trials ({result.new_trials} new{failed}) "
@@ -610,6 +627,20 @@ def calibrate(
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _print_stack_report(result: Any, storage: str | None) -> None:
+    """For a joint study holding stacked baselines: each stack beside the joint search's comparable point."""
+    if result.study.space != "joint":
+        return
+    from difftune.search.stack import format_stack_report, stack_report
+    from difftune.store import default_url, get_store
+
+    with get_store(storage or default_url()) as store:
+        rows = stack_report(store, result.study.id)
+    if rows:
+        console.print("Naive stacks of single-space points vs the joint search (calibration figures):")
+        console.print(format_stack_report(rows), highlight=False, soft_wrap=True)
 
 
 @contextmanager

@@ -562,12 +562,17 @@ def _candidates(job: _Job) -> list[Any]:
         config.pop("searcher_number", None)
         out.append(Candidate(f"retry:{config['retry_of']}", t.params, config, kind="retry"))
     out += [
-        Candidate(f"baseline:{p.name}", p.params or {}, {"baseline": p.name}, kind="baseline") for p in job.baselines
+        Candidate(f"baseline:{p.name}", p.params or {}, _baseline_config(p), kind="baseline") for p in job.baselines
     ]
     out += [
         Candidate(f"seed:{p.name}", p.params, {"seed": p.name}, kind="seed") for p in job.seeds if p.params is not None
     ]
     return out
+
+
+def _baseline_config(point: Any) -> dict[str, Any]:
+    """A baseline trial's stored config: its name, and what it is (a stack names the points it stacks)."""
+    return {"baseline": point.name, **({"description": point.description} if point.description else {})}
 
 
 def _sections(job: _Job, params: Mapping[str, Any], point: Any) -> Mapping[str, Any]:
@@ -1001,6 +1006,7 @@ def run_study(
     screen: int | None = None,
     screen_eta: int | None = None,
     on_start: Callable[[Any], None] | None = None,
+    stack_from: Sequence[str] = (),
 ) -> RunResult:
     """Run or resume a study until the store holds ``budget`` finished trials, then record its front.
 
@@ -1056,6 +1062,10 @@ def run_study(
         screen_eta: the reduction factor of that screening (default 3).
         on_start: called with the resolved :class:`~difftune.search.settings.StudySettings` once the
             inputs are checked, before any trial runs (the CLI prints the device).
+        stack_from: ``joint`` space only: names of ``solver`` / ``cache`` / ``sada`` / ``quant`` studies of
+            the same model in this store; their best points per PSNR floor are stacked into joint
+            points and evaluated as baselines ``stack_psnrF`` (:mod:`difftune.search.stack`). They
+            count against the budget like every baseline; a stack already stored is not run again.
 
     Raises:
         DifftuneError: bad input (unknown model, space, searcher or metric; a metric this model
@@ -1132,6 +1142,12 @@ def run_study(
 
     store = get_store(storage or default_url())
     try:
+        if stack_from:
+            from difftune.search.stack import check_stack_sources
+
+            if not hasattr(space_obj, "stack"):
+                raise SpaceError(f"--stack-from: only the joint space stacks other studies' points, not {space!r}")
+            check_stack_sources(store, list(stack_from), info.fingerprint)
         model_rec = store.create_model(model_name, info.family, info.fingerprint)
         study_rec = store.create_study(
             study_name,
@@ -1175,6 +1191,11 @@ def run_study(
             settings=run_settings,
             memo=memo,
         )
+        if stack_from:
+            from difftune.search.stack import stacked_points
+
+            found = stacked_points(store, space_obj, job.context, list(stack_from), fingerprint=info.fingerprint)
+            job.baselines = [*job.baselines, *found]
         _restore(job)
         _fail_dead_proposals(job)
         before = store.count_budget_trials(study_rec.id)

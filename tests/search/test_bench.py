@@ -109,3 +109,46 @@ def test_bench_search_runs_both_arms_in_stores_of_their_own(tmp_path):
         pruned = [t for t in seeded if t.state is TrialState.PRUNED]
     assert f"{len(pruned)} screened out on 1 samples" in figures[1].detail
     assert {"seeded ecad", "random-start ecad"} <= set(by_name)
+
+
+def test_joint_hypervolume_by_hand():
+    from types import SimpleNamespace
+
+    from difftune.search._bench_joint import HV_REFERENCE, PSNR_CAP, joint_hypervolume
+
+    def trial(**values):
+        return SimpleNamespace(values=lambda: values)
+
+    assert HV_REFERENCE == (0.5, 20.0, 0.5) and PSNR_CAP == 50.0
+    plain = trial(speedup=2.5, psnr=30.0, weight_memory_mb=8.0)  # compression 1: (2.5-0.5)(30-20)(1-0.5)
+    assert joint_hypervolume([plain], plain_mb=8.0) == pytest.approx(10.0)
+    assert joint_hypervolume([plain], plain_mb=8.0, axes=2) == pytest.approx(20.0)
+    # a quantized point that runs no faster: 4x smaller weights, (1-0.5)(40-20)(4-0.5) = 35; the union with
+    # the first box is 10 + 35 - overlap (0.5 x 10 x 0.5 = 2.5)
+    small = trial(speedup=1.0, psnr=40.0, weight_memory_mb=2.0)
+    assert joint_hypervolume([plain, small], plain_mb=8.0) == pytest.approx(42.5)
+    # the identity's PSNR is capped, and a point without a PSNR adds nothing
+    identity = trial(speedup=1.0, psnr=100.0, weight_memory_mb=8.0)
+    assert joint_hypervolume([identity, trial(speedup=3.0)], plain_mb=8.0) == pytest.approx(0.5 * 30 * 0.5)
+
+
+def test_bench_joint_runs_every_study_and_reports_the_stacks(tmp_path):
+    from difftune.search._bench_joint import bench_joint
+
+    url = f"sqlite:///{tmp_path / 'bj.db'}"
+    figures = bench_joint(budget=18, samples=2, steps=6, nfe=(5, 6), sada_budget=4, sada_steps=8, storage=url)
+    names = [f.name for f in figures]
+    assert names[0].startswith("hypervolume: joint front ÷ best single-space front") and figures[0].target == ">= 1.1"
+    assert "budget 18 evaluations per study" in figures[0].detail
+    assert all(s in figures[0].detail for s in ("solver", "cache", "sada", "quant"))
+    assert any(n.startswith("SADA at 8 steps") for n in names)
+    assert names[-1].startswith("quant front") and "baseline" in figures[-1].detail
+    from difftune.store import get_store
+
+    with get_store(url) as store:
+        studies = {s.name for s in store.list_studies()}
+        joint = store.list_trials("bj-joint")
+    assert studies == {"bj-solver", "bj-cache", "bj-sada", "bj-quant", "bj-joint", "bj-sada50"}
+    stacks = [t for t in joint if str((t.config or {}).get("baseline", "")).startswith("stack_")]
+    assert stacks and len(joint) == 18 + 3
+    assert sum(f.name.startswith("stack_psnr") for f in figures) == len({t.config["baseline"] for t in stacks})

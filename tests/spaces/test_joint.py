@@ -7,14 +7,20 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from difftune.accel.cache import CacheMaskConfig
 from difftune.accel.first_block_cache import FirstBlockCacheConfig
+from difftune.accel.sada import SADAConfig
 from difftune.accel.solver import SolverSchedule
 from difftune.errors import SpaceError
 from difftune.spaces import CacheSpace, JointSpace, SolverSpace, SpaceContext, get_space, to_profile
+from difftune.spaces.joint import SADA_MIN_NFE
+from difftune.spaces.quant import QuantSpace
+from difftune.spaces.sada import SADASpace
 
 from .contract import SpaceContract
+from .contract import run as _run
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -27,7 +33,8 @@ class TestJointSpace(SpaceContract):
     @classmethod
     def make_context(cls, pipe: Any) -> SpaceContext:
         # Few NFEs and steps keep "run every baseline" cheap; spacings are the scheduler's own (no measuring).
-        return SpaceContext.from_pipeline(pipe, num_inference_steps=6, nfe_range=(3, 5), keep_pipeline=False)
+        # NFE 5-7 reaches SADA's minimum (6), so random points apply all four sections.
+        return SpaceContext.from_pipeline(pipe, num_inference_steps=6, nfe_range=(5, 7), keep_pipeline=False)
 
     def assert_same(self, a, b) -> None:
         assert set(a) == set(b)
@@ -35,6 +42,8 @@ class TestJointSpace(SpaceContract):
         assert x.steps == y.steps
         np.testing.assert_allclose(x.timesteps, y.timesteps, rtol=0, atol=2e-4)
         assert a.get("cache") == b.get("cache")
+        assert a.get("sparsity") == b.get("sparsity")
+        assert a.get("quantization") == b.get("quantization")
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +69,26 @@ def _cache_only(params: dict[str, Any], context: SpaceContext) -> dict[str, Any]
     return {k: v for k, v in params.items() if k in names}
 
 
-def test_variables_are_the_solvers_then_use_cache_then_the_caches_at_the_largest_nfe(space, context):
+def test_variables_are_the_solvers_then_each_parts_behind_its_switch(space, context):
     names = [v.name for v in space.variables(context)]
     solver = [v.name for v in SolverSpace().variables(context)]
     cache_vars = CacheSpace().variables(context.replace(num_inference_steps=NFE_MAX))
-    assert names == [*solver, "dc_ratio", "dc_last", "use_cache", *(v.name for v in cache_vars)]
-    assert len(names) == len(set(names)) == 10 + NFE_MAX + 2 + 1 + 2 * (2 + 2) + 1
+    sada = [f"sada_{v.name}" for v in SADASpace().variables(context)]
+    quant = [f"q_{v.name}" for v in QuantSpace().variables(context)]
+    assert names == [
+        *solver,
+        "dc_ratio",
+        "dc_last",
+        "use_cache",
+        *(v.name for v in cache_vars),
+        "use_sada",
+        *sada,
+        "use_quant",
+        *quant,
+    ]
+    assert len(sada) == 11 and len(quant) == 2 * 7 + 4
+    assert len(names) == len(set(names)) == 10 + NFE_MAX + 2 + 1 + 2 * (2 + 2) + 1 + 1 + 11 + 1 + 18
+    assert JointSpace(parts=("solver", "cache")).default_params(context).keys() == set(names[: names.index("use_sada")])
     by_name = {v.name: v for v in space.variables(context)}
     assert by_name["use_cache"].kind == "bool" and by_name["use_cache"].default is False
     # ranges of the largest NFE (8 steps), not of num_inference_steps (20)
@@ -141,7 +164,9 @@ def test_random_points_are_valid_and_their_profile_has_nfe_steps(space, context)
         assert space.repair(repaired, context).changes == ()
         sections = space.decode(params, context)
         nfe = int(repaired["nfe"])
-        assert set(sections) == ({"solver", "cache"} if repaired["use_cache"] else {"solver"})
+        on = {"cache": repaired["use_cache"], "sparsity": repaired["use_sada"], "quantization": repaired["use_quant"]}
+        assert set(sections) == {"solver", *(k for k, v in on.items() if v)}
+        assert not (repaired["use_sada"] and nfe < SADA_MIN_NFE)
         assert len(sections["solver"].timesteps) == nfe
         if repaired["use_cache"]:
             with_cache += 1
@@ -175,7 +200,9 @@ def test_encode_refuses_what_is_not_a_joint_point(space, context):
     with pytest.raises(SpaceError, match="always has a solver"):
         space.encode({"cache": sections["cache"]}, context)
     with pytest.raises(SpaceError, match="sparsity"):
-        space.encode({**sections, "sparsity": object()}, context)
+        JointSpace(parts=("solver", "cache")).encode({**sections, "sparsity": object()}, context)
+    with pytest.raises(SpaceError, match="at least 6 evaluations"):
+        space.encode({**sections, "sparsity": SADAConfig()}, context)
     wrong_steps = space.decode(_point(space, context, nfe=5, use_cache=True), context)["cache"]
     with pytest.raises(SpaceError, match="mask shape"):
         space.encode({"solver": sections["solver"], "cache": wrong_steps}, context)
@@ -203,7 +230,13 @@ def test_baselines_are_the_solvers_without_cache_and_the_caches_without_params(s
     assert by_name["fora_3"].sections["cache"].array.shape == (20, 6, 2)  # at the reference's steps
     assert by_name["first_block_cache_0.1"].sections["cache"] == FirstBlockCacheConfig(threshold=0.1)
     assert "identity" not in by_name
-    assert [p.name for p in points] == [p.name for p in solver_points] + cache_names
+    extra = ["sada_sd2", "w8a16", "w4a16_g32"]  # SADA's column for the family, two weight-only settings
+    assert [p.name for p in points] == [p.name for p in solver_points] + cache_names + extra
+    assert by_name["sada_sd2"].sections == SADASpace().baselines(context)[1].sections  # at 20 steps
+    assert set(by_name["w8a16"].sections) == {"quantization"} and by_name["w8a16"].params is None
+    assert [p.name for p in JointSpace(parts=("solver", "cache")).baselines(context)] == [
+        p.name for p in points[: -len(extra)]
+    ]
 
 
 def test_dc_ratios_go_to_the_middle_and_last_steps_and_encode_back(space, context):
@@ -227,7 +260,11 @@ def test_dc_ratios_go_to_the_middle_and_last_steps_and_encode_back(space, contex
 
 def test_seeds_are_points_of_the_space_with_a_light_cache(space, context):
     seeds = space.seeds(context)
-    assert [s.name for s in seeds] == [f"unipc_nfe{n}+step1_cache" for n in range(4, 7)]
+    names = [f"unipc_nfe{n}+step1_cache" for n in range(4, 7)]
+    assert [s.name for s in seeds] == [*names[:2], "unipc_nfe5+step1_cache+w8a16", names[2]]
+    w8 = seeds[2].sections["quantization"]
+    assert (w8.default.weight_bits, w8.default.activation_bits, w8.layers) == (8, 16, {})
+    assert seeds[2].sections["cache"] == seeds[1].sections["cache"]
     for seed in seeds:
         # a seed is a point of the space: its params decode to its sections exactly
         decoded = space.decode(seed.params, context)
@@ -240,3 +277,127 @@ def test_seeds_are_points_of_the_space_with_a_light_cache(space, context):
         assert mask[[i for i in range(n) if i not in reused]].all()
         assert seed.sections["solver"].steps[-1].dc_ratio == 1.15
     assert not set(s.name for s in seeds) & set(b.name for b in space.baselines(context))
+
+
+# --- sparsity and quantization in the joint point ------------------------------------------------
+
+
+def test_sada_below_its_minimum_nfe_is_switched_off_with_a_sentence(space, context):
+    repaired = space.repair(_point(space, context, nfe=SADA_MIN_NFE - 1, use_sada=True), context)
+    assert repaired.params["use_sada"] is False
+    (sentence,) = [c for c in repaired.changes if c.startswith("use_sada")]
+    assert f"{SADA_MIN_NFE - 1} evaluation(s)" in sentence and "set to False" in sentence
+    kept = space.repair(_point(space, context, nfe=SADA_MIN_NFE, use_sada=True), context)
+    assert kept.params["use_sada"] is True and kept.changes == ()
+    # the quantization part's own repair, named with the joint space's parameter
+    fixed = space.repair(_point(space, context, use_quant=True, q_granularity="channel", q_group_size=32), context)
+    assert fixed.params["q_group_size"] == 128 and any(c.startswith("q_group_size: 32") for c in fixed.changes)
+
+
+def test_sada_and_quant_decode_as_their_own_spaces_at_the_points_nfe(space, context):
+    sada = {"threshold": 0.004, "acc_start": 0.3, "acc_end": 0.9, "lagrange_term": 2, "lagrange_int": 2}
+    quant = {"w_0": 4, "a_1": 8, "w_rest": 8, "granularity": "group", "group_size": 32}
+    params = _point(
+        space,
+        context,
+        nfe=8,
+        use_sada=True,
+        use_quant=True,
+        **{f"sada_{k}": v for k, v in sada.items()},
+        **{f"q_{k}": v for k, v in quant.items()},
+    )
+    sections = space.decode(params, context)
+    assert set(sections) == {"solver", "sparsity", "quantization"}
+    at_8 = context.replace(num_inference_steps=8)
+    assert sections["sparsity"] == SADASpace().decode(sada, at_8)["sparsity"]
+    assert sections["sparsity"].acc_range == (round(0.3 * 8), round(0.9 * 8))  # shares of the 8 evaluations
+    assert sections["quantization"] == QuantSpace().decode(quant, context)["quantization"]
+    assert space.decode(space.encode(sections, context), context) == sections
+
+
+def test_default_objectives_add_weight_memory_when_quantization_is_a_part():
+    assert JointSpace().default_objectives("embedded") == (
+        ("speedup", "maximize"),
+        ("psnr", "maximize"),
+        ("weight_memory_mb", "minimize"),
+        ("class_accuracy", "maximize"),
+    )
+    assert JointSpace().default_objectives("sdxl")[-1] == ("sharpness", "maximize")
+    assert JointSpace(parts=("solver", "cache", "sparsity")).default_objectives("embedded") is None
+    with pytest.raises(SpaceError, match="must include 'solver'"):
+        JointSpace(parts=("cache",))
+
+
+def test_a_stack_of_single_space_points_is_each_part_on_the_solvers_evaluations(space, context):
+    solver_params = dict(SolverSpace().baselines(context)[3 * (6 - 2) + 1].params)  # unipc_nfe6
+    assert solver_params["nfe"] == 6
+    cache_params = {**CacheSpace().default_params(context), "interval_0": 3, "warmup_1": 6}  # at 20 steps
+    sada_params = {**SADASpace().default_params(context), "threshold": 0.003}
+    quant_params = {**QuantSpace().default_params(context), "w_2": 4}
+    point = space.stack(
+        {
+            "solver": ("unipc_nfe6", solver_params),
+            "cache": ("#12", cache_params),
+            "sada": ("#3", sada_params),
+            "quant": ("#7", quant_params),
+        },
+        context,
+    )
+    assert point.name == "stack[solver:unipc_nfe6 + cache:#12 + sada:#3 + quant:#7]"
+    at_6 = context.replace(num_inference_steps=6)
+    assert point.sections["solver"] == SolverSpace().decode(solver_params, context)["solver"]
+    # the cache's knobs on 6 evaluations: warm-up 6 is clamped to the NFE's range, and the repair is told
+    assert point.sections["cache"] == CacheSpace().decode({**cache_params, "warmup_1": 3}, at_6)["cache"]
+    assert "warmup_1" in point.description and "repaired" in point.description
+    assert point.sections["sparsity"] == SADASpace().decode(sada_params, at_6)["sparsity"]
+    assert point.sections["quantization"] == QuantSpace().decode(quant_params, context)["quantization"]
+    assert space.decode(point.params, context) == point.sections  # a point of the space
+    with pytest.raises(SpaceError, match="cannot stack points of \\['ecad'\\]"):
+        space.stack({"ecad": ("#1", {})}, context)
+    with pytest.raises(SpaceError, match="cannot stack points of \\['quant'\\]"):
+        JointSpace(parts=("solver", "cache")).stack({"quant": ("#7", quant_params)}, context)
+
+
+def test_a_point_with_all_four_parts_applies_each_of_them_and_removes_exactly(space, embedded_pipe):
+    import difftune
+    from difftune.accel.quant import served_weight_memory
+    from difftune.accel.sada import SADAHandle
+    from difftune.accel.solver import USFScheduler
+
+    context = SpaceContext.from_pipeline(embedded_pipe, num_inference_steps=20, nfe_range=(3, 10))
+    full = _point(
+        space,
+        context,
+        nfe=10,
+        grid="uniform",
+        use_cache=True,
+        use_sada=True,
+        use_quant=True,
+        sada_threshold=0.02,  # skip wherever it may
+        sada_max_downsample=0,
+        q_w_rest=8,
+    )
+
+    def run(params):
+        profile = to_profile(space.decode(params, context), context, name="p")
+        handle = difftune.apply_profile(embedded_pipe, profile)
+        try:
+            images = _run(embedded_pipe, 10)
+            sada = [h for h in handle.handles if isinstance(h, SADAHandle)]
+            state = (
+                isinstance(embedded_pipe.scheduler, USFScheduler),
+                sada[0].stats.skipped if sada else (),
+                served_weight_memory(embedded_pipe).quantized_bytes,
+            )
+        finally:
+            handle.remove()
+        return images, state
+
+    plain_bytes = served_weight_memory(embedded_pipe).quantized_bytes
+    images, (usf, skipped, weight_bytes) = run(full)
+    assert usf and skipped and weight_bytes < plain_bytes
+    assert torch.isfinite(images).all()
+    for flag in ("use_cache", "use_sada", "use_quant"):  # every part changes the images
+        without, _ = run({**full, flag: False})
+        assert not torch.equal(without, images), flag
+    assert served_weight_memory(embedded_pipe).quantized_bytes == plain_bytes
