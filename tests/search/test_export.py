@@ -135,7 +135,9 @@ def test_weights_changed_since_the_study_is_an_error(study_db, tmp_path, embedde
     assert _digest(Path(url.removeprefix("sqlite:///"))) == before
 
 
-def _study_with(tmp_path: Path, pipe, sections: dict) -> tuple[str, object]:
+def _study_with(
+    tmp_path: Path, pipe, sections: dict, space: str = "solver", memory: bool = False
+) -> tuple[str, object]:
     """A store holding one complete trial of ``sections`` (calibration figures made up) in study 'p'."""
     url = f"sqlite:///{tmp_path / 'p.db'}"
     info = difftune.describe(pipe)
@@ -145,13 +147,19 @@ def _study_with(tmp_path: Path, pipe, sections: dict) -> tuple[str, object]:
         study = store.create_study(
             "p",
             model_id=model.id,
-            space="solver",
+            space=space,
             searcher="random",
-            objectives=["speedup", "psnr", "class_accuracy"],
-            reference={"model": "embedded", "num_inference_steps": STEPS, "samples": 2, "metrics": ["psnr"]},
+            objectives=["speedup", "psnr", *(["weight_memory_mb"] if memory else []), "class_accuracy"],
+            reference={
+                "model": "embedded",
+                "num_inference_steps": STEPS,
+                "samples": 2,
+                "metrics": ["psnr", *(["weight_memory_mb"] if memory else [])],
+            },
         )
         trial = store.add_trial(study.id, {}, config={"profile": profile.to_dict()})
-        store.set_trial_state(trial.id, "complete", metrics={"speedup": 1.0, "psnr": 40.0, "class_accuracy": 1.0})
+        made_up = {"speedup": 1.0, "psnr": 40.0, "class_accuracy": 1.0, **({"weight_memory_mb": 1.0} if memory else {})}
+        store.set_trial_state(trial.id, "complete", metrics=made_up)
     return url, profile
 
 
@@ -312,3 +320,34 @@ def test_moving_steps_needs_validation_and_a_movable_profile(study_db, tmp_path,
     assert transfer_profile(profile, STEPS) is profile
     plain = dataclasses.replace(profile, solver=None)
     assert transfer_profile(plain, 9).context.num_inference_steps == 9
+
+
+def test_a_joint_point_exports_all_four_sections_with_held_out_figures(tmp_path, embedded_pipe):
+    from difftune.accel.quant import served_weight_memory
+    from difftune.spaces import JointSpace
+
+    context = SpaceContext.from_pipeline(embedded_pipe, num_inference_steps=STEPS, nfe_range=(3, STEPS))
+    space = JointSpace()
+    params = {
+        **space.default_params(context),
+        "nfe": STEPS,
+        "use_cache": True,
+        "use_sada": True,
+        "use_quant": True,
+        "sada_threshold": 0.02,
+        "sada_max_downsample": 0,
+        "q_w_rest": 8,
+    }
+    sections = space.decode(params, context)
+    assert set(sections) == {"solver", "cache", "sparsity", "quantization"}
+    url, _ = _study_with(tmp_path, embedded_pipe, sections, space="joint", memory=True)
+    out = tmp_path / "joint.json"
+    result = export_point(url, "p", "fastest", out, pipeline=embedded_pipe, latency_repeats=1)
+    profile = difftune.load_profile(out)
+    for name in ("solver", "cache", "sparsity", "quantization"):
+        assert getattr(profile, name) == sections[name], name
+    assert profile.metrics["psnr"]["split"] == "held_out" and result.validated
+    # the held-out figures were measured with all four applied: fewer weights' bytes, other images than plain
+    plain_mb = served_weight_memory(embedded_pipe).quantized_bytes / 2**20
+    assert result.held_out["weight_memory_mb"] < plain_mb
+    assert result.held_out["psnr"] < 99
