@@ -30,7 +30,8 @@ reachable:
 
 - Per-step solver decisions (4 global + one override per step up to the largest NFE):
 
-  - ``order`` (1–3), ``corrector`` (UniC on every step that has a next evaluation) — the
+  - ``order`` (1–4; 4 is USF's Taylor update over four evaluations, or UniP-4 with the corrector),
+    ``corrector`` (UniC on every step that has a next evaluation) — the
     defaults of every step; warm-up (order ≤ evaluations so far) and the last step's limits
     apply to them silently, as in diffusers.
   - ``prediction`` (``"data"`` / ``"noise"``) and ``prediction_switch``: steps from index
@@ -488,17 +489,23 @@ class SolverSpace(Space):
                 order = 1
             wanted.append((order, s.corrector))
         best: tuple[int, int, bool, list[str]] | None = None
-        for order in (2, 1, 3):
+        for order in (2, 1, 3, 4):
             for corrector in (False, True):
                 choices = []
                 for i, target in enumerate(wanted):
                     auto_order = 1 if (i == n - 1 and timeline.final_zero) else min(order, i + 1)
                     auto = (auto_order, corrector and i < n - 1)
                     choices.append("auto" if auto == target else _step_choice(*target))
+                if any(c not in STEP_CHOICES for c in choices):
+                    continue  # an order-4 step the global order does not give: no override can say it
                 explicit = sum(c != "auto" for c in choices)
                 if best is None or explicit < best[0]:
                     best = (explicit, order, corrector, choices)
-        assert best is not None
+        if best is None:
+            raise SpaceError(
+                "space 'solver': order 4 is only the default order of every step (step overrides are 1–3); this "
+                "schedule mixes it with other orders"
+            )
         _, order, corrector, choices = best
         out: dict[str, Any] = {
             "order": order,

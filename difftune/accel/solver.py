@@ -43,7 +43,7 @@ __all__ = ["PREDICTIONS", "SolverSchedule", "SolverStep", "USFScheduler", "dynam
 
 #: What the exponential integrator integrates: the data prediction x̂₀ (DPM-Solver++) or the noise ε̂ (DPM-Solver).
 PREDICTIONS = ("data", "noise")
-MAX_ORDER = 3
+MAX_ORDER = 4
 
 _GRIDS = ("time_uniform", "logsnr_uniform", "karras", "linspace", "leading", "trailing")
 _SPACINGS = ("linspace", "leading", "trailing")
@@ -70,7 +70,8 @@ class SolverStep:
     """How one step moves from its model evaluation to the next timestep.
 
     Attributes:
-        order: how many buffered model evaluations the multistep update uses (1–3). Higher orders
+        order: how many buffered model evaluations the multistep update uses (1–4; orders 1–3 are
+            DPM-Solver(++)'s and UniPC's, order 4 USF's Taylor update over the last four). Higher orders
             are more accurate on smooth trajectories at the same cost, but amplify the error of a
             poor model output (guidance, few steps); the scheduler lowers it where too few earlier
             evaluations exist (warm-up) and on a step that lands on σ = 0.
@@ -887,6 +888,8 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             for k in range(2, order):
                 res = res + rhos[k - 1] * (m[-1 - k] - m0) / rks[k - 1]
             return ratio * x - (scale * phi1) * m0 - (scale * phi1) * res
+        if order >= 4:
+            return self._taylor(i, order, prediction, x)
         # DPM-Solver(++) 3M.
         r0 = float(self._lambda[i] - self._lambda[i - 1]) / h
         r1 = float(self._lambda[i - 1] - self._lambda[i - 2]) / h
@@ -895,6 +898,38 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
         d2 = (d1_0 - d1_1) / (r0 + r1)
         return ratio * x - scale * (phi1 * m0 + (phi1 / hh - 1.0) * d1 + ((phi1 - hh) / hh**2 - 0.5) * d2)
+
+    def _taylor(self, i: int, order: int, prediction: str, x: torch.Tensor) -> torch.Tensor:
+        """USF's multistep update (thu-nics/USF ``uni_sampler.update``) at ``order``, from grid point ``i``.
+
+        With h = λ_t − λ_s and φ₁(z) = (e^z − 1)/z, φ_{k+1}(z) = (φ_k(z) − 1/k!)/z:
+        data: x_t = (σ_t/σ_s)·x_s + α_t·Σ_{k<p} h^{k+1}·φ_{k+1}(−h)·x̂₀⁽ᵏ⁾;
+        noise: x_t = (α_t/α_s)·x_s − σ_t·Σ_{k<p} h^{k+1}·φ_{k+1}(h)·ε̂⁽ᵏ⁾ — the exponential integrator's
+        Taylor expansion, exact when the prediction is a polynomial of degree < p in λ. The λ-derivatives
+        F⁽ᵏ⁾ at λ_s come from the p − 1 earlier buffered points j (r_j = λ_j − λ_s): solve
+        Σ_k r_j^k / k! · F⁽ᵏ⁾ = F_j − F_s (the reference's ``get_diff_derivative`` with its default
+        active points ``[−p … −2]``).
+        """
+        h = float(self._lambda[i + 1] - self._lambda[i])
+        m = self._buffer(prediction)
+        r = [float(self._lambda[i - j] - self._lambda[i]) for j in range(1, order)]
+        system = np.array([[rj**k / math.factorial(k) for rj in r] for k in range(1, order)])
+        weights = np.linalg.solve(system, np.eye(order - 1))  # column k-1: F⁽ᵏ⁾ = Σ_j weights[j, k-1]·ΔF_j
+        deltas = [m[-1 - j] - m[-1] for j in range(1, order)]
+        hh = -h if prediction == "data" else h
+        phi, factorial, terms = math.exp(hh), 1.0, []
+        for k in range(order):  # φ_{k+1}(hh), as the reference's recursion
+            factorial *= max(k, 1)
+            phi = (phi - 1.0 / factorial) / hh
+            terms.append(h ** (k + 1) * phi)
+        total = terms[0] * m[-1]
+        for k in range(1, order):
+            derivative = sum(float(weights[j, k - 1]) * deltas[j] for j in range(order - 1))
+            total = total + terms[k] * derivative
+        a_s, a_t, s_s, s_t = (float(v) for v in (self._alpha[i], self._alpha[i + 1], self._sig[i], self._sig[i + 1]))
+        if prediction == "data":
+            return (s_t / s_s) * x + a_t * total
+        return (a_t / a_s) * x - s_t * total
 
     def _corrector(
         self, j: int, order: int, prediction: str, model_t: torch.Tensor, predicted: torch.Tensor

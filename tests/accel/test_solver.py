@@ -476,7 +476,7 @@ def _profile_dict(**changes):
 @pytest.mark.parametrize(
     "changes,match",
     [
-        ({"step_order": 4}, r"solver\.steps\[1\]\.order.*<= 3"),
+        ({"step_order": 5}, r"solver\.steps\[1\]\.order.*<= 4"),
         ({"step_order": 0}, r"solver\.steps\[1\]\.order"),
         ({"step_order": True}, r"solver\.steps\[1\]\.order"),
         ({"step_prediction": "velocity"}, r"solver\.steps\[1\]\.prediction.*'velocity'"),
@@ -633,3 +633,60 @@ def test_embedded_pipeline_gives_dpm_solver_pp_images(embedded_pipe):
     assert embedded_pipe.scheduler is original
     assert embedded_pipe.config["scheduler"] == ("diffusers", "DPMSolverMultistepScheduler")
     assert torch.equal(images(), reference)
+
+
+# ---- order 4: USF's Taylor update -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction", ["data", "noise"])
+def test_order_4_is_exact_when_the_prediction_is_a_cubic_in_lambda(prediction):
+    """USF's order-p update is the exponential integrator's Taylor expansion: with a prediction that is a
+    cubic in λ, a step of order 4 (three earlier points) lands on the exact solution, order 3 does not.
+
+    Exact, by hand: data x_t = (σ_t/σ_s)x_s + σ_t∫e^u P(u)du with ∫e^u P = e^u(P − P′ + P″ − P‴); noise
+    x_t = (α_t/α_s)x_s − α_t∫e^{−u} Q(u)du with ∫e^{−u} Q = −e^{−u}(Q + Q′ + Q″ + Q‴).
+    """
+    usf = USFScheduler(grid="logsnr_uniform", final_sigmas_type="sigma_min")
+    usf.set_timesteps(8)
+    grid = tuple(usf._t)
+    lam, alpha, sig = (np.asarray(v, dtype=float) for v in (usf._lambda, usf._alpha, usf._sig))
+    g = torch.Generator().manual_seed(3)
+    coeffs = [0.3 * torch.randn(SHAPE, generator=g, dtype=torch.float64) / (k + 1) for k in range(4)]
+
+    def poly(u: float, derivative: int = 0) -> torch.Tensor:
+        out = torch.zeros(SHAPE, dtype=torch.float64)
+        for k in range(derivative, 4):
+            out = out + math.perm(k, derivative) * u ** (k - derivative) * coeffs[k]
+        return out
+
+    def model(x: torch.Tensor, i: int) -> torch.Tensor:  # ε, so that the chosen prediction is the cubic
+        if prediction == "noise":
+            return poly(lam[i])
+        return (x - alpha[i] * poly(lam[i])) / sig[i]
+
+    def exact(x: torch.Tensor, s: int, t: int) -> torch.Tensor:
+        if prediction == "data":
+            antiderivative = [math.exp(lam[k]) * (poly(lam[k]) - poly(lam[k], 1) + poly(lam[k], 2) - poly(lam[k], 3))
+                              for k in (s, t)]  # fmt: skip
+            return (sig[t] / sig[s]) * x + sig[t] * (antiderivative[1] - antiderivative[0])
+        antiderivative = [-math.exp(-lam[k]) * (poly(lam[k]) + poly(lam[k], 1) + poly(lam[k], 2) + poly(lam[k], 3))
+                          for k in (s, t)]  # fmt: skip
+        return (alpha[t] / alpha[s]) * x - alpha[t] * (antiderivative[1] - antiderivative[0])
+
+    def step_error(order: int) -> float:
+        steps = [SolverStep(1, prediction), SolverStep(2, prediction), SolverStep(3, prediction)]
+        steps += [SolverStep(order, prediction)] * 4 + [SolverStep(1, prediction)]
+        scheduler = USFScheduler.from_schedule(SolverSchedule(grid, tuple(steps)), usf.config)
+        scheduler.set_timesteps()
+        x = noise()
+        worst = 0.0
+        for i, t in enumerate(scheduler.timesteps[:-1]):
+            out = scheduler.step(model(x, i), t, x).prev_sample
+            if i >= 3:  # three earlier evaluations exist: the order-4 steps
+                truth = exact(x, i, i + 1)
+                worst = max(worst, float((out - truth).abs().max() / truth.abs().max()))
+            x = out
+        return worst
+
+    assert step_error(4) < 1e-10
+    assert step_error(3) > 1e-6  # the test can fail: one order less is not exact on a cubic

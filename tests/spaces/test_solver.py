@@ -201,3 +201,22 @@ def test_encode_refuses_what_is_not_in_the_space(context):
     with pytest.raises(SpaceError, match="grids"):
         space.encode({"solver": odd}, context)
     assert isinstance(get_space("solver"), SolverSpace)
+
+
+def test_order_4_is_a_global_order_that_encodes_back(context):
+    import dataclasses
+
+    space = get_space("solver")
+    assert next(v for v in space.variables(context) if v.name == "order").high == 4
+    params = {"nfe": 7, "order": 4, "step_5": "2c"}
+    schedule = space.decode(params, context)["solver"]
+    assert [s.order for s in schedule.steps] == [1, 2, 3, 4, 4, 2, 1]  # warm-up, the override, the σ = 0 end
+    assert space.decode(space.encode({"solver": schedule}, context), context)["solver"] == schedule
+    # mixed with other orders through overrides of 1-3
+    mixed = [dataclasses.replace(s, order=o) for s, o in zip(schedule.steps, [1, 2, 2, 4, 3, 2, 1], strict=True)]
+    mixed_schedule = dataclasses.replace(schedule, steps=tuple(mixed))
+    assert space.decode(space.encode({"solver": mixed_schedule}, context), context)["solver"] == mixed_schedule
+    # an order-4 step with the corrector beside one without: no override can say "4" or "4c"
+    steps = [dataclasses.replace(s, order=4 if i in (3, 4) else s.order, corrector=i == 3) for i, s in enumerate(mixed)]
+    with pytest.raises(SpaceError, match="order 4 is only the default order"):
+        space.encode({"solver": dataclasses.replace(schedule, steps=tuple(steps))}, context)
