@@ -85,12 +85,17 @@ class SolverStep:
             model output is replaced by the Lagrange interpolant of the buffered outputs at
             t′ = t_{i−1} + ρ (t_i − t_{i−1}). ``1.0`` changes nothing; tuned ratios (DC-Solver searches
             within 1 ± 0.5) offset the misalignment between predictor and corrector at few steps.
+        relaxation: USF's "linear" relaxation c of the first derivative: the estimated F′ of the
+            prediction (in λ) is scaled by 1 + c·h, h = λ_t − λ_s, in the DPM-Solver(++) and Taylor
+            updates (orders 2–4; not in UniP-3/4, i.e. with the corrector at order ≥ 3, which has
+            no separate derivative). ``0.0`` changes nothing; USF's searched schedules hold −0.38 … 0.5.
     """
 
     order: int = 2
     prediction: str = "data"
     corrector: bool = False
     dc_ratio: float = 1.0
+    relaxation: float = 0.0
 
     def __post_init__(self) -> None:
         self._check("step")
@@ -102,24 +107,33 @@ class SolverStep:
             raise ProfileError(f"{where}.corrector: expected true or false, got {self.corrector!r}")
         # Frozen: normalise an int ratio (JSON ``1``) to float so equal steps compare and hash equal.
         object.__setattr__(self, "dc_ratio", as_float(self.dc_ratio, f"{where}.dc_ratio"))
+        object.__setattr__(self, "relaxation", as_float(self.relaxation, f"{where}.relaxation"))
+        if self.relaxation != 0.0 and self.corrector and self.order >= 3:
+            raise ProfileError(
+                f"{where}.relaxation: UniP-{self.order} (order >= 3 with the corrector) has no separate first "
+                "derivative to relax; use 0, or order <= 2, or no corrector"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "order": self.order,
             "prediction": self.prediction,
             "corrector": self.corrector,
             "dc_ratio": self.dc_ratio,
         }
+        if self.relaxation != 0.0:  # written only when used: older profiles and memo keys stay as they were
+            out["relaxation"] = self.relaxation
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "step") -> SolverStep:
         """Build from JSON; missing keys take the defaults, anything malformed raises :class:`ProfileError`."""
         if not isinstance(data, Mapping):
             raise ProfileError(f"{where}: expected an object, got {data!r}")
-        check_keys(data, {"order", "prediction", "corrector", "dc_ratio"}, where)
+        check_keys(data, {"order", "prediction", "corrector", "dc_ratio", "relaxation"}, where)
         step = cls.__new__(cls)
         defaults = cls()
-        for name in ("order", "prediction", "corrector", "dc_ratio"):
+        for name in ("order", "prediction", "corrector", "dc_ratio", "relaxation"):
             object.__setattr__(step, name, data.get(name, getattr(defaults, name)))
         step._check(where)  # validated here, so the message names the field's place in the profile
         return step
@@ -819,7 +833,7 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             self._compensate(i, step.prediction, step.dc_ratio)
 
         order = self._usable_order(i, step.order)
-        prev_sample = self._predictor(i, order, step.prediction, sample, unipc=step.corrector)
+        prev_sample = self._predictor(i, order, step.prediction, sample, unipc=step.corrector, relax=step.relaxation)
         self._pending = (step, order) if step.corrector else None
         self._last_sample = sample
         self._step_index = i + 1
@@ -866,8 +880,11 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             return h, -h, s_t / s_s, a_t
         return h, h, (a_t / a_s if a_s > 0 else math.inf), s_t
 
-    def _predictor(self, i: int, order: int, prediction: str, x: torch.Tensor, *, unipc: bool) -> torch.Tensor:
+    def _predictor(
+        self, i: int, order: int, prediction: str, x: torch.Tensor, *, unipc: bool, relax: float = 0.0
+    ) -> torch.Tensor:
         h, hh, ratio, scale = self._coefficients(i, i + 1, prediction)
+        relaxed = 1.0 + relax * h  # USF's "linear" relaxation of the first derivative (1 when relax = 0)
         if not math.isfinite(h) or not math.isfinite(ratio):
             # The closed form of the first-order step, finite where h is not: x_t = α_t·x̂₀ + σ_t·ε̂.
             return float(self._alpha[i + 1]) * self._x0[-1] + float(self._sig[i + 1]) * self._eps[-1]
@@ -880,6 +897,8 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             # DPM-Solver(++) 2M "midpoint"; UniP-2 with B(h) = e^h − 1 and ρ = 1/2 is the same update.
             r0 = float(self._lambda[i] - self._lambda[i - 1]) / h
             d1 = (m0 - m[-2]) / r0
+            if relax:
+                d1 = d1 * relaxed
             return ratio * x - (scale * phi1) * (m0 + 0.5 * d1)
         if unipc:
             rks = [float(self._lambda[i - k] - self._lambda[i]) / h for k in range(1, order)] + [1.0]
@@ -889,17 +908,19 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
                 res = res + rhos[k - 1] * (m[-1 - k] - m0) / rks[k - 1]
             return ratio * x - (scale * phi1) * m0 - (scale * phi1) * res
         if order >= 4:
-            return self._taylor(i, order, prediction, x)
+            return self._taylor(i, order, prediction, x, relaxed)
         # DPM-Solver(++) 3M.
         r0 = float(self._lambda[i] - self._lambda[i - 1]) / h
         r1 = float(self._lambda[i - 1] - self._lambda[i - 2]) / h
         d1_0 = (m0 - m[-2]) / r0
         d1_1 = (m[-2] - m[-3]) / r1
         d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+        if relax:
+            d1 = d1 * relaxed
         d2 = (d1_0 - d1_1) / (r0 + r1)
         return ratio * x - scale * (phi1 * m0 + (phi1 / hh - 1.0) * d1 + ((phi1 - hh) / hh**2 - 0.5) * d2)
 
-    def _taylor(self, i: int, order: int, prediction: str, x: torch.Tensor) -> torch.Tensor:
+    def _taylor(self, i: int, order: int, prediction: str, x: torch.Tensor, relaxed: float = 1.0) -> torch.Tensor:
         """USF's multistep update (thu-nics/USF ``uni_sampler.update``) at ``order``, from grid point ``i``.
 
         With h = λ_t − λ_s and φ₁(z) = (e^z − 1)/z, φ_{k+1}(z) = (φ_k(z) − 1/k!)/z:
@@ -925,7 +946,7 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         total = terms[0] * m[-1]
         for k in range(1, order):
             derivative = sum(float(weights[j, k - 1]) * deltas[j] for j in range(order - 1))
-            total = total + terms[k] * derivative
+            total = total + (terms[k] * (relaxed if k == 1 else 1.0)) * derivative
         a_s, a_t, s_s, s_t = (float(v) for v in (self._alpha[i], self._alpha[i + 1], self._sig[i], self._sig[i + 1]))
         if prediction == "data":
             return (s_t / s_s) * x + a_t * total

@@ -690,3 +690,50 @@ def test_order_4_is_exact_when_the_prediction_is_a_cubic_in_lambda(prediction):
 
     assert step_error(4) < 1e-10
     assert step_error(3) > 1e-6  # the test can fail: one order less is not exact on a cubic
+
+
+def test_relaxation_scales_the_first_derivative_by_one_plus_c_h():
+    """USF's "linear" relaxation, checked against the update written out by hand: at order 4 (Taylor) the
+    step moves by α_t·h²·φ₂(−h)·(c·h)·F′ from the unrelaxed one (data prediction, F′ = x̂₀'s λ-derivative);
+    at order 2 (DPM-Solver++ 2M) by −α_t·(e^{−h} − 1)·½·(c·h)·d₁ with d₁ = (F_s − F_{s−1})·h/(λ_s − λ_{s−1})."""
+    usf = USFScheduler(grid="logsnr_uniform", final_sigmas_type="sigma_min")
+    usf.set_timesteps(8)
+    grid = tuple(usf._t)
+    lam, alpha, sig = (np.asarray(v, dtype=float) for v in (usf._lambda, usf._alpha, usf._sig))
+    g = torch.Generator().manual_seed(5)
+    coeffs = [0.3 * torch.randn(SHAPE, generator=g, dtype=torch.float64) for _ in range(4)]
+
+    def x0_of(u: float, derivative: int = 0) -> torch.Tensor:
+        return sum(math.perm(k, derivative) * u ** (k - derivative) * coeffs[k] for k in range(derivative, 4))
+
+    def outputs(order: int, c: float) -> list[torch.Tensor]:
+        steps = [SolverStep(min(i + 1, order), relaxation=c if i == 4 else 0.0) for i in range(7)] + [SolverStep(1)]
+        scheduler = USFScheduler.from_schedule(SolverSchedule(grid, tuple(steps)), usf.config)
+        scheduler.set_timesteps()
+        x, out = noise(), []
+        for i, t in enumerate(scheduler.timesteps[:-1]):
+            x = scheduler.step((x - alpha[i] * x0_of(lam[i])) / sig[i], t, x).prev_sample
+            out.append(x)
+        return out
+
+    c, s, t = 0.4, 4, 5  # step 4 (grid point 4 → 5) is the relaxed one
+    h = lam[t] - lam[s]
+    phi2 = (math.expm1(-h) / -h - 1.0) / -h
+    plain, relaxed = outputs(4, 0.0), outputs(4, c)
+    assert torch.equal(plain[3], relaxed[3])  # earlier steps untouched
+    moved = alpha[t] * h**2 * phi2 * (c * h) * x0_of(lam[s], 1)  # order 4 on a cubic: F′ estimated exactly
+    torch.testing.assert_close(relaxed[4] - plain[4], moved, rtol=1e-9, atol=1e-12)
+    plain2, relaxed2 = outputs(2, 0.0), outputs(2, c)
+    d1 = (x0_of(lam[s]) - x0_of(lam[s - 1])) * h / (lam[s] - lam[s - 1])
+    moved2 = -alpha[t] * math.expm1(-h) * 0.5 * (c * h) * d1
+    torch.testing.assert_close(relaxed2[4] - plain2[4], moved2, rtol=1e-9, atol=1e-12)
+
+
+def test_relaxation_is_written_only_when_used_and_refused_on_unip_3():
+    assert "relaxation" not in SolverStep(2).to_dict()
+    step = SolverStep(2, relaxation=-0.25)
+    assert step.to_dict()["relaxation"] == -0.25 and SolverStep.from_dict(step.to_dict()) == step
+    with pytest.raises(ProfileError, match=r"step\.relaxation: UniP-3"):
+        SolverStep(3, corrector=True, relaxation=0.1)
+    with pytest.raises(ProfileError, match=r"steps\[0\]\.relaxation"):
+        SolverSchedule.from_dict({"kind": "usf", "timesteps": [999, 1], "steps": [{"relaxation": "big"}, {}]})
