@@ -175,6 +175,7 @@ def bench_runtime(repeats: int = 7, batch: int = 16, device: str = "cpu") -> lis
     figures.append(_solver_overhead(plain, tuned_pipe, tuned, steps, repeats, device))
 
     figures.append(_sada_figure(plain, tuned_pipe, tuned, repeats, device))
+    figures.append(_tier_switch_figure(tuned_pipe, tuned, info, steps, repeats))
     figures += _mask_figures("embedded", lambda: plain(steps), tuned_pipe, lambda: tuned(steps), steps, repeats, device)
     dit_batch = 16 if torch.device(device).type == "cuda" else 4
     _, big_plain = _compute_bound_dit(dit_batch, device)
@@ -190,6 +191,61 @@ def bench_runtime(repeats: int = 7, batch: int = 16, device: str = "cpu") -> lis
     )
     figures.append(_compiled_figure(batch, steps, repeats, device))
     return figures
+
+
+def _tier_switch_figure(pipe: Any, call: Callable[..., Any], info: Any, steps: int, repeats: int) -> Figure:
+    """Switching a loaded pipeline between quality tiers (:class:`difftune.tiers.TierSwitch`): the time of
+    one switch (remove the active tier's hooks, apply the next tier's) ÷ one pipeline call, over a cycle
+    of three tiers — a cache mask, a USF schedule with FORA, and W8A16 quantization (which re-quantizes
+    the weights on every switch to it)."""
+    import time
+
+    from difftune.accel.cache import CacheMaskConfig, FORAConfig
+    from difftune.accel.quant import QuantConfig, QuantSpec
+    from difftune.accel.solver import SolverSchedule
+    from difftune.profile import ModelRef, Profile, ProfileContext
+    from difftune.tiers import TierBundle, TierSwitch
+
+    def profile(name: str, n: int, **sections: Any) -> Profile:
+        model = ModelRef("embedded", info.family, info.fingerprint)
+        return Profile(name=name, model=model, context=ProfileContext(num_inference_steps=n), **sections)
+
+    mask = np.ones(info.mask_shape(steps), dtype=bool)
+    mask[1::2] = False
+    bundle = TierBundle(
+        {
+            "mask": profile("mask", steps, cache=CacheMaskConfig.from_array(info.components, mask)),
+            "fast": profile(
+                "fast", 6, solver=SolverSchedule.from_scheduler(pipe.scheduler, 6), cache=FORAConfig(interval=2)
+            ),
+            "w8": profile("w8", steps, quantization=QuantConfig("simulated", QuantSpec(8))),
+        }
+    )
+    switch = TierSwitch(pipe, bundle)
+    cycle = [*bundle.names] * repeats
+    by_tier: dict[str, list[float]] = {name: [] for name in bundle.names}
+    try:
+        for name in cycle:
+            started = time.perf_counter()
+            switch.use(name)
+            by_tier[name].append((time.perf_counter() - started) * 1e3)
+    finally:
+        switch.close()
+    call_times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        call(steps)
+        call_times.append((time.perf_counter() - started) * 1e3)
+    call_ms = float(np.median(call_times))
+    medians = {name: float(np.median(times)) for name, times in by_tier.items()}
+    worst = max(medians.values())
+    detail = ", ".join(f"to {name} {ms:.2f} ms" for name, ms in medians.items())
+    return Figure(
+        "tier switch (remove + apply, slowest tier) ÷ one pipeline call",
+        worst / call_ms,
+        "<= 0.05",
+        f"{detail}; a plain {steps}-step call {call_ms:.1f} ms (medians of {repeats} switches each)",
+    )
 
 
 def _compiled_figure(batch: int, steps: int, repeats: int, device: str = "cpu") -> Figure:

@@ -922,6 +922,68 @@ def export(
 
 
 @app.command()
+def tiers(
+    study: Annotated[str, typer.Option(help="The study to export the tiers from.")],
+    tier: Annotated[
+        list[str],
+        typer.Option(
+            help="NAME=SELECT, repeatable, e.g. --tier lossless='best psnr' --tier fast='fastest where psnr>=28'; "
+            "the order given is the bundle's order."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Where to write the bundle (JSON).")] = Path("tiers.json"),
+    storage: Annotated[
+        str | None, typer.Option(help="Database URL (default: $DIFFTUNE_STORAGE or sqlite:///difftune.db).")
+    ] = None,
+    samples: Annotated[
+        int | None, typer.Option(min=2, help="Held-out samples (default: as many as the study's calibration samples).")
+    ] = None,
+) -> None:
+    """Export several Pareto points as named quality tiers in one bundle, each re-measured on held-out samples.
+
+    A server loads it with difftune.load_tiers and switches one loaded pipeline between tiers per request
+    (difftune.TierSwitch). Nothing is written unless every tier keeps its selection on held-out samples.
+    """
+    from rich.table import Table
+
+    from difftune.search.export import export_tiers
+
+    asked: dict[str, str] = {}
+    for item in tier:
+        name, sep, select = item.partition("=")
+        if not sep or not name.strip() or not select.strip():
+            raise DifftuneError(f"--tier {item!r}: expected NAME=SELECT, e.g. fast='fastest where psnr>=28'")
+        if name.strip() in asked:
+            raise DifftuneError(f"--tier {name.strip()!r} is given twice")
+        asked[name.strip()] = select.strip()
+    _quiet_loading()
+    store = _open_existing_store(storage)
+    try:
+        with console.status("exporting tiers …") as status:
+            bundle, results = export_tiers(
+                store, study, asked, out, samples=samples, progress=lambda text: status.update(text)
+            )
+    finally:
+        store.close()
+    record = next(iter(results.values())).study
+    shown = [o.name for o in record.objectives]
+    table = Table(title=f"tiers of {record.name!r} (held-out figures)")
+    for col in ("tier", "select", "trial", *shown, "steps"):
+        table.add_column(col)
+    for name, result in results.items():
+        values = result.held_out or result.calibration
+        table.add_row(
+            name,
+            asked[name],
+            str(result.trial.number),
+            *(f"{values[n]:.4g}" if n in values else "" for n in shown),
+            str(result.profile.context.num_inference_steps),
+        )
+    console.print(table)
+    console.print(f"wrote {out} ({len(bundle.names)} tiers: {', '.join(bundle.names)})", highlight=False)
+
+
+@app.command()
 def dashboard(
     storage: Annotated[
         str | None, typer.Option(help="Database URL (default: $DIFFTUNE_STORAGE or sqlite:///difftune.db).")

@@ -5,8 +5,10 @@ same ``samples`` calibration samples for every study):
 
 - four single-space studies — ``solver`` (NFE in ``nfe``), ``cache``, ``sada`` and ``quant`` at
   ``steps`` — and one ``joint`` study, each with ``budget`` evaluations of its own (baselines and
-  seeds included: equal evaluations). The joint study then also evaluates the naive stacks of the
-  single studies' picks (``--stack-from``), which are *not* counted in its hypervolume;
+  seeds included: equal evaluations) and the joint space's objectives (speedup, PSNR, weight
+  memory, class accuracy), so that every study measures and trades the same figures. The joint
+  study then also evaluates the naive stacks of the single studies' picks (``--stack-from``),
+  which are *not* counted in its hypervolume;
 - **hypervolume ratio**: joint front ÷ the best single front, over (speedup ↑, PSNR ↑ capped at
   :data:`PSNR_CAP`, weight compression = plain weight bytes ÷ served ↑), reference point
   :data:`HV_REFERENCE` (0.5×, 20 dB, 0.5×: below the plain pipeline on the two cost axes, so an
@@ -79,12 +81,16 @@ def bench_joint(
     from difftune.accel.quant import served_weight_memory
     from difftune.search.runner import run_study
     from difftune.search.stack import format_stack_report, stack_report
+    from difftune.spaces import JointSpace
     from difftune.store import TrialState, get_store
 
     pipe = difftune.load_pipeline("embedded")
     pipe.set_progress_bar_config(disable=True)
     plain_mb = served_weight_memory(pipe).original_bytes / 2**20
-    common = {"pipeline": pipe, "samples": samples, "seed": seed, "progress": progress}
+    # Every study measures and trades the same four objectives as the joint one, so that the fronts
+    # compare in one space (the quant space alone would not measure speed, the others not memory).
+    objectives = JointSpace().default_objectives("embedded")
+    common = {"pipeline": pipe, "samples": samples, "seed": seed, "progress": progress, "objectives": objectives}
     seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         url = storage or f"sqlite:///{Path(tmp) / 'bench_joint.db'}"

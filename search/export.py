@@ -741,3 +741,58 @@ def _measure(
     finally:
         handle.remove()
     return {k: float(v) for k, v in measured.items() if v is not None}
+
+
+def export_tiers(
+    storage_or_store: Any,
+    study: str,
+    tiers: Mapping[str, str],
+    out: str | os.PathLike[str],
+    *,
+    samples: int | None = None,
+    latency_repeats: int = 3,
+    pipeline: Any = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[Any, dict[str, ExportResult]]:
+    """Export one held-out-validated profile per tier (name → ``--select`` expression) into one bundle.
+
+    Each tier is :func:`export_point` of its selection (the profile named after the tier); the bundle
+    (:class:`difftune.tiers.TierBundle`) is written only when every tier kept its selection on
+    held-out samples — otherwise the :class:`StoreError` of the tier that did not is raised and nothing
+    is written. Returns the bundle and each tier's export result.
+    """
+    from difftune.store import get_store, parse_select
+    from difftune.tiers import TierBundle
+
+    if not tiers:
+        raise DifftuneError("--tier: give at least one, e.g. --tier fast='fastest where psnr>=28'")
+    for name, select in tiers.items():
+        if not name or not name.replace("_", "").replace("-", "").isalnum():
+            raise DifftuneError(f"--tier {name!r}: a tier name is letters, digits, '-' and '_'")
+        parse_select(select)  # every expression is checked before anything runs
+    store = storage_or_store if hasattr(storage_or_store, "list_trials") else get_store(storage_or_store)
+    results: dict[str, ExportResult] = {}
+    try:
+        if pipeline is None:  # one pipeline for every tier
+            record = store.get_study(study)
+            pipeline = _study_pipeline(store, record, _settings_of(record), None, progress or (lambda _: None))
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, select in tiers.items():
+                if progress is not None:
+                    progress(f"tier {name}: {select}")
+                results[name] = export_point(
+                    store,
+                    study,
+                    select,
+                    Path(tmp) / f"{name}.json",
+                    samples=samples,
+                    latency_repeats=latency_repeats,
+                    pipeline=pipeline,
+                    progress=progress,
+                )
+    finally:
+        if store is not storage_or_store:
+            store.close()
+    bundle = TierBundle({name: dataclasses.replace(r.profile, name=name) for name, r in results.items()})
+    bundle.save(out)
+    return bundle, results
