@@ -9,7 +9,8 @@ all turned on in one profile — and a joint study evaluates them as baselines n
 (``difftune calibrate --space joint --stack-from S1,S2,…``), measured as a whole like every point.
 :func:`stack_report` then sets each stack beside the joint study's own searched points: the best
 PSNR a searched point reaches at least as fast (and, when the study minimises weight memory, at
-most as large), so users see what stacking loses and what a joint search recovers.
+most as large) and the fastest searched point at least as good (and as small), so users see what
+stacking loses and what a joint search recovers.
 
     >>> rows = stack_report(store, "embedded-joint")
     >>> print(format_stack_report(rows))
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from difftune.errors import SpaceError, StoreError
@@ -178,6 +179,8 @@ class StackRow:
         values: its measured figures (calibration split).
         joint: the searched point with the highest PSNR among those at least as fast (and no larger in
             weight memory, when the study minimises it), or None; joint_values: its figures.
+        same_quality: the fastest searched point with at least the stack's PSNR (and no larger
+            weights), or None; same_quality_values: its figures.
     """
 
     name: str
@@ -185,6 +188,15 @@ class StackRow:
     values: Mapping[str, float]
     joint: int | None
     joint_values: Mapping[str, float]
+    same_quality: int | None = None
+    same_quality_values: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def speedup_ratio(self) -> float:
+        """The fastest searched joint point at the stack's PSNR ÷ the stack's speedup; NaN without one."""
+        if self.same_quality is None:
+            return math.nan
+        return float(self.same_quality_values["speedup"]) / float(self.values.get("speedup", math.nan))
 
     @property
     def psnr_gain(self) -> float:
@@ -209,21 +221,22 @@ def stack_report(store: Any, study: Any) -> list[StackRow]:
             continue
         values = t.values()
         speed, memory = values.get("speedup", math.nan), values.get("weight_memory_mb", math.inf)
-        best = None
+        psnr = values.get("psnr", math.inf)
+        best = fastest = None
         for s in searched:
             v = s.values()
-            if v.get("speedup", -math.inf) < speed or "psnr" not in v:
+            if "psnr" not in v or "speedup" not in v:
                 continue
             if minimise_memory and v.get("weight_memory_mb", math.inf) > memory:
                 continue
-            if best is None or v["psnr"] > best.values()["psnr"]:
+            if v["speedup"] >= speed and (best is None or v["psnr"] > best.values()["psnr"]):
                 best = s
+            if v["psnr"] >= psnr and (fastest is None or v["speedup"] > fastest.values()["speedup"]):
+                fastest = s
         description = str((t.config or {}).get("description") or "")
-        rows.append(
-            StackRow(
-                name, description, values, None if best is None else best.number, {} if best is None else best.values()
-            )
-        )
+        joint, joint_values = (None, {}) if best is None else (best.number, best.values())
+        same, same_values = (None, {}) if fastest is None else (fastest.number, fastest.values())
+        rows.append(StackRow(name, description, values, joint, joint_values, same, same_values))
     return sorted(rows, key=lambda r: r.name)
 
 
@@ -241,6 +254,11 @@ def format_stack_report(rows: Sequence[StackRow]) -> str:
             line += " — no searched joint point is as fast (and as small)"
         else:
             line += f" — joint #{row.joint}: {figures(row.joint_values)} ({row.psnr_gain:+.1f} dB)"
+        if row.same_quality is not None and row.same_quality != row.joint:
+            line += (
+                f"; at its PSNR: joint #{row.same_quality} {figures(row.same_quality_values)} "
+                f"({row.speedup_ratio:.2f}× its speed)"
+            )
         lines.append(line)
         if row.description:
             lines.append(f"    {row.description}")

@@ -150,6 +150,7 @@ def test_the_report_sets_each_stack_beside_the_best_searched_point_as_fast_and_a
             ("", "searched", 3.9, 8.1, 35.0),  # faster, better, but larger: not comparable
             ("", "searched", 3.0, 1.5, 40.0),  # slower
             ("", "seed", 3.9, 1.9, 45.0),  # hand-made: not the search's
+            ("", "searched", 2.0, 1.0, 20.0),  # slower, smaller, as good as stack_psnr25
         ):
             _trial(
                 store, joint, kind, name, {}, {"solver": solver.sections["solver"]}, context,
@@ -159,10 +160,15 @@ def test_the_report_sets_each_stack_beside_the_best_searched_point_as_fast_and_a
     assert [r.name for r in rows] == ["stack_psnr25", "stack_psnr30"]
     none, found = rows
     assert none.joint is None and math.isnan(none.psnr_gain)
+    assert none.same_quality == 7 and none.speedup_ratio == pytest.approx(2.0 / 7.2)
     assert found.joint == 3 and found.psnr_gain == pytest.approx(0.3)
+    assert found.same_quality == 3  # the fastest at ≥ 30.6 dB and ≤ 2.14 MB is the same point
     text = format_stack_report(rows)
     assert "stack_psnr30: 3.40×, 2.14 MB, 30.6 dB — joint #3: 3.85×, 1.99 MB, 30.9 dB (+0.3 dB)" in text
-    assert "stack_psnr25: 7.20×, 1.15 MB, 17.9 dB — no searched joint point is as fast (and as small)" in text
+    assert (
+        "stack_psnr25: 7.20×, 1.15 MB, 17.9 dB — no searched joint point is as fast (and as small); at its PSNR: "
+        "joint #7 2.00×, 1.00 MB, 20.0 dB (0.28× its speed)"
+    ) in text
 
 
 def test_run_study_evaluates_the_stacks_as_baselines_of_the_joint_study(tmp_path, embedded_pipe, context, fingerprint):
