@@ -87,6 +87,11 @@ def wrap_forward(module: torch.nn.Module, wrapper: Callable[..., Any]) -> Handle
     return wrap_method(module, "forward", wrapper)
 
 
+def _tensor_key(tensor: torch.Tensor) -> tuple[int, ...]:
+    """Identifies a tensor's contents without reading them: storage, offset, length and in-place version."""
+    return (int(tensor.untyped_storage().data_ptr()), int(tensor.storage_offset()), len(tensor), int(tensor._version))
+
+
 def _timestep_value(value: Any) -> float:
     if isinstance(value, torch.Tensor):
         return float(value.reshape(-1)[0].item()) if value.numel() else math.nan
@@ -185,12 +190,7 @@ class StepTracker:
         index, rest = divmod(offset, int(timesteps.stride(0)))
         if rest or not 0 <= index < len(timesteps):
             return None
-        key = (
-            int(timesteps.untyped_storage().data_ptr()),
-            int(timesteps.storage_offset()),
-            len(timesteps),
-            int(timesteps._version),
-        )
+        key = _tensor_key(timesteps)
         if self._mirror_key != key:
             self._mirror = timesteps.detach().cpu().tolist()  # one synchronisation per run
             self._mirror_key = key
@@ -205,12 +205,7 @@ class StepTracker:
             return None
         if self.num_steps != len(timesteps):
             return None  # this run did not start from set_timesteps: the timesteps may not be its own
-        key = (
-            int(timesteps.untyped_storage().data_ptr()),
-            int(timesteps.storage_offset()),
-            len(timesteps),
-            int(timesteps._version),
-        )
+        key = _tensor_key(timesteps)
         if self._positions_key != key:
             values = [float(v) for v in timesteps.detach().cpu().tolist()]  # one synchronisation per run
             decreasing = all(a > b for a, b in itertools.pairwise(values))
