@@ -28,7 +28,7 @@ reachable:
     steps at high noise, < 1 more near the end (continuous grids).
   - ``karras_rho``: the Karras grid's exponent.
 
-- Per-step solver decisions (4 global + one override per step up to the largest NFE):
+- Per-step solver decisions (5 global + one override per step up to the largest NFE):
 
   - ``order`` (1–4; 4 is USF's Taylor update over four evaluations, or UniP-4 with the corrector),
     ``corrector`` (UniC on every step that has a next evaluation) — the
@@ -42,7 +42,10 @@ reachable:
     above the available history, removes an explicit corrector from the last step and lowers the
     last step to order 1 where it lands on σ = 0 (the only order defined there), and says so.
 
-Variables: 10 + max NFE for VP models (22 with the default ``nfe_range=(3, 12)``), one fewer for
+  - ``relaxation`` c (−0.5 … 0.5, default 0): USF's relaxation of the first derivative,
+    F′·(1 + c·h), on every step but UniP-3/4 ones (order ≥ 3 with the corrector).
+
+Variables: 11 + max NFE for VP models (23 with the default ``nfe_range=(3, 12)``), one fewer for
 flow-matching models. Default searcher: TPE (mixed categorical / continuous, conditional knobs).
 
 Baselines: DPM-Solver++(2M), UniPC (bh2, order 2 with corrector) and DDIM at every NFE in range,
@@ -80,6 +83,8 @@ FLOW_GRIDS = ("flow_sigmas",)
 _FIXED_GRIDS = SPACING_GRIDS + FLOW_GRIDS
 #: Continuous grids with free start, end and warp.
 CONTINUOUS_GRIDS = ("time_uniform", "logsnr_uniform", "karras")
+#: USF's relaxation factor range (its searched schedules hold −0.38 … 0.5).
+RELAXATION_RANGE = (-0.5, 0.5)
 #: A step's override: ``"auto"`` (the global knobs) or order 1–3, ``"c"`` = with UniC corrector.
 STEP_CHOICES = ("auto", "1", "2", "3", "1c", "2c", "3c")
 _METHOD_NAMES = {"dpmsolver++": "DPM-Solver++(2M)", "unipc": "UniPC (bh2, order 2, corrector)", "ddim": "DDIM"}
@@ -192,6 +197,11 @@ def _parse_step(choice: str) -> tuple[int, bool]:
     return int(choice[0]), choice.endswith("c")
 
 
+def _unip_high(order: int, corrector: bool) -> bool:
+    """UniP-3/4 (order ≥ 3 with the corrector): no separate first derivative, so no relaxation."""
+    return corrector and order >= 3
+
+
 def _step_choice(order: int, corrector: bool) -> str:
     return f"{order}{'c' if corrector else ''}"
 
@@ -276,6 +286,13 @@ class SolverSpace(Space):
                 help="steps from this index on use the other prediction (>= NFE: never)",
             ),
             Variable("corrector", "bool", default=False, help="UniC corrector on every step with a next evaluation"),
+            Variable(
+                "relaxation",
+                "float",
+                *RELAXATION_RANGE,
+                default=0.0,
+                help="USF's relaxation c: first derivatives scaled by 1 + c·h (not on UniP-3/4 steps)",
+            ),
         ]
         out += [
             Variable(
@@ -355,7 +372,8 @@ class SolverSpace(Space):
             else:
                 order, corrector = _parse_step(choice)
             prediction = params["prediction"] if i < params["prediction_switch"] else other
-            steps.append(SolverStep(order=order, prediction=prediction, corrector=corrector))
+            relaxation = 0.0 if _unip_high(order, corrector) else float(params["relaxation"])
+            steps.append(SolverStep(order=order, prediction=prediction, corrector=corrector, relaxation=relaxation))
         try:
             return {"solver": SolverSchedule(tuple(float(v) for v in t), tuple(steps))}
         except ProfileError as exc:  # repair should make this unreachable; say which point broke it
@@ -407,7 +425,7 @@ class SolverSpace(Space):
             order = min(s.order, i + 1)
             if i == n - 1 and timeline.final_zero:
                 order = 1
-            steps.append(SolverStep(order, s.prediction, s.corrector, s.dc_ratio))
+            steps.append(SolverStep(order, s.prediction, s.corrector, s.dc_ratio, s.relaxation))
         return SolverSchedule(schedule.timesteps, tuple(steps))
 
     def _encode_grid(self, t: np.ndarray, n: int, timeline: _Timeline, context: SpaceContext) -> dict[str, Any]:
@@ -478,6 +496,7 @@ class SolverSpace(Space):
         n = len(steps)
         if any(s.dc_ratio != 1.0 for s in steps):
             raise SpaceError("space 'solver': DC-Solver ratios are not part of this space (use the 'dc' space)")
+
         first = steps[0].prediction
         switch = next((i for i, s in enumerate(steps) if s.prediction != first), max_nfe)
         if any(s.prediction == first for s in steps[switch:]):
@@ -488,6 +507,10 @@ class SolverSpace(Space):
             if i == n - 1 and timeline.final_zero:
                 order = 1
             wanted.append((order, s.corrector))
+        # the relaxation of every step that has one at the order it runs (UniP-3/4 steps have none)
+        relaxed = {s.relaxation for s, w in zip(steps, wanted, strict=True) if not _unip_high(*w)} or {0.0}
+        if len(relaxed) > 1 or any(s.relaxation for s, w in zip(steps, wanted, strict=True) if _unip_high(*w)):
+            raise SpaceError(f"space 'solver': one relaxation on every step but UniP-3/4 ones, got {sorted(relaxed)}")
         best: tuple[int, int, bool, list[str]] | None = None
         for order in (2, 1, 3, 4):
             for corrector in (False, True):
@@ -512,6 +535,7 @@ class SolverSpace(Space):
             "corrector": corrector,
             "prediction": first,
             "prediction_switch": min(switch, max_nfe),
+            "relaxation": relaxed.pop(),
         }
         out.update({f"step_{i}": choices[i] if i < n else "auto" for i in range(max_nfe)})
         return out

@@ -53,7 +53,7 @@ def _cosine_context(context: SpaceContext) -> SpaceContext:
 
 def test_variable_count(context):
     names = [v.name for v in get_space("solver").variables(context)]
-    assert len(names) == 10 + 12
+    assert len(names) == 11 + 12
     assert names[-1] == "step_11"
 
 
@@ -176,7 +176,7 @@ def test_flow_matching_model_has_no_integer_spacings(context):
     ctx = context.replace(scheduler_config=config)
     space = get_space("solver")
     variables = {v.name: v for v in space.variables(ctx)}
-    assert "t_start" not in variables and len(variables) == 9 + 12
+    assert "t_start" not in variables and len(variables) == 10 + 12
     assert set(variables["grid"].choices) == {"flow_sigmas", "time_uniform", "logsnr_uniform", "karras"}
     rng = np.random.default_rng(0)
     for _ in range(30):
@@ -220,3 +220,20 @@ def test_order_4_is_a_global_order_that_encodes_back(context):
     steps = [dataclasses.replace(s, order=4 if i in (3, 4) else s.order, corrector=i == 3) for i, s in enumerate(mixed)]
     with pytest.raises(SpaceError, match="order 4 is only the default order"):
         space.encode({"solver": dataclasses.replace(schedule, steps=tuple(steps))}, context)
+
+
+def test_relaxation_goes_to_every_step_but_unip_3_and_encodes_back(context):
+    space = get_space("solver")
+    params = {"nfe": 6, "order": 3, "corrector": True, "relaxation": 0.25, "step_4": "2"}
+    schedule = space.decode(params, context)["solver"]
+    # orders 1, 2, 3c, 3c, 2 (override, no corrector), 1: UniP-3 steps (2 and 3) have no relaxation
+    assert [s.relaxation for s in schedule.steps] == [0.25, 0.25, 0.0, 0.0, 0.25, 0.25]
+    encoded = space.encode({"solver": schedule}, context)
+    assert encoded["relaxation"] == 0.25 and space.decode(encoded, context)["solver"] == schedule
+    import dataclasses
+
+    uneven = dataclasses.replace(
+        schedule, steps=(dataclasses.replace(schedule.steps[0], relaxation=0.1), *schedule.steps[1:])
+    )
+    with pytest.raises(SpaceError, match="one relaxation on every step"):
+        space.encode({"solver": uneven}, context)
