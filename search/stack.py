@@ -18,6 +18,7 @@ stacking loses and what a joint search recovers.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ def stacked_points(
     """
     from difftune.search.settings import StudySettings
     from difftune.spaces import get_space
+    from difftune.store import rank_points
 
     picks: dict[float, dict[str, tuple[str, Mapping[str, Any]]]] = {float(f): {} for f in floors}
     records = check_stack_sources(store, studies, fingerprint)
@@ -133,7 +135,7 @@ def stacked_points(
         front = [t for t in store.pareto_front(record.id) if (t.config or {}).get("baseline") not in _PLAIN]
         for floor in picks:
             try:
-                ranked = _ranked(front, f"{_goal(record.space)} where psnr>={floor:g}")
+                ranked = rank_points(front, f"{_goal(record.space)} where psnr>={floor:g}")
             except StoreError:
                 continue
             for trial in ranked:
@@ -152,22 +154,12 @@ def stacked_points(
             if missing
             else ""
         )
-        point = type(point)(
-            point.name,
-            point.sections,
-            point.params,
-            f"each part ≥ {floor:g} dB PSNR in its own study; " + point.description + left_out,
-        )
+        description = f"each part ≥ {floor:g} dB PSNR in its own study; {point.description}{left_out}"
+        point = dataclasses.replace(point, description=description)
         if point.sections not in seen:
             seen.append(point.sections)
             out.append(point)
     return out
-
-
-def _ranked(records: Sequence[Any], expr: str) -> list[Any]:
-    from difftune.store._select import rank_points
-
-    return rank_points(records, expr)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from difftune.accel.solver import MAX_ORDER, SolverSchedule, SolverStep, USFScheduler
+from difftune.accel.solver import MAX_ORDER, SolverSchedule, SolverStep, USFScheduler, relaxable
 from difftune.errors import ProfileError, SpaceError
 
 from ._base import NamedPoint, Space, SpaceContext, Variable, register_space
@@ -195,11 +195,6 @@ def _valid_grid(t: np.ndarray, n: int, timeline: _Timeline) -> bool:
 
 def _parse_step(choice: str) -> tuple[int, bool]:
     return int(choice[0]), choice.endswith("c")
-
-
-def _unip_high(order: int, corrector: bool) -> bool:
-    """UniP-3/4 (order ≥ 3 with the corrector): no separate first derivative, so no relaxation."""
-    return corrector and order >= 3
 
 
 def _step_choice(order: int, corrector: bool) -> str:
@@ -372,7 +367,7 @@ class SolverSpace(Space):
             else:
                 order, corrector = _parse_step(choice)
             prediction = params["prediction"] if i < params["prediction_switch"] else other
-            relaxation = 0.0 if _unip_high(order, corrector) else float(params["relaxation"])
+            relaxation = float(params["relaxation"]) if relaxable(order, corrector) else 0.0
             steps.append(SolverStep(order=order, prediction=prediction, corrector=corrector, relaxation=relaxation))
         try:
             return {"solver": SolverSchedule(tuple(float(v) for v in t), tuple(steps))}
@@ -508,8 +503,8 @@ class SolverSpace(Space):
                 order = 1
             wanted.append((order, s.corrector))
         # the relaxation of every step that has one at the order it runs (UniP-3/4 steps have none)
-        relaxed = {s.relaxation for s, w in zip(steps, wanted, strict=True) if not _unip_high(*w)} or {0.0}
-        if len(relaxed) > 1 or any(s.relaxation for s, w in zip(steps, wanted, strict=True) if _unip_high(*w)):
+        relaxed = {s.relaxation for s, w in zip(steps, wanted, strict=True) if relaxable(*w)} or {0.0}
+        if len(relaxed) > 1 or any(s.relaxation for s, w in zip(steps, wanted, strict=True) if not relaxable(*w)):
             raise SpaceError(f"space 'solver': one relaxation on every step but UniP-3/4 ones, got {sorted(relaxed)}")
         best: tuple[int, int, bool, list[str]] | None = None
         for order in (2, 1, 3, 4):

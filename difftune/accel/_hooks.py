@@ -104,11 +104,10 @@ class StepTracker:
     A step ends when the timestep given to the denoiser changes; a second call with the same
     timestep (pipelines that run the unconditional pass separately) is call 1 of the same step.
     Where the run began with the scheduler's ``set_timesteps`` and its timesteps are strictly
-    decreasing, the step index is the timestep's
-    position among them (counted from the run's first), so a step skipped without a denoiser call
-    (SADA) still advances it. A
-    new sampling run starts when the pipeline calls its scheduler's ``set_timesteps`` or the
-    timestep goes up again; every listener's ``reset()`` then runs.
+    decreasing, the step index is the timestep's position among them (counted from the run's
+    first), so a step skipped without a denoiser call (SADA) still advances it. A new sampling run
+    starts when the pipeline calls its scheduler's ``set_timesteps`` or the timestep goes up again;
+    every listener's ``reset()`` then runs.
     """
 
     def __init__(self, denoiser: torch.nn.Module, scheduler: Any = None):

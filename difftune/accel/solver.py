@@ -39,7 +39,7 @@ from difftune.accel._hooks import Handle
 from difftune.accel._registry import register_technique
 from difftune.errors import ProfileError
 
-__all__ = ["PREDICTIONS", "SolverSchedule", "SolverStep", "USFScheduler", "dynamic_compensation"]
+__all__ = ["PREDICTIONS", "SolverSchedule", "SolverStep", "USFScheduler", "dynamic_compensation", "relaxable"]
 
 #: What the exponential integrator integrates: the data prediction x̂₀ (DPM-Solver++) or the noise ε̂ (DPM-Solver).
 PREDICTIONS = ("data", "noise")
@@ -63,6 +63,12 @@ _SIGMA_FIRST_OPTIONS = (
 # --------------------------------------------------------------------------------------------
 # The schedule: plain data, JSON round trip, validation
 # --------------------------------------------------------------------------------------------
+
+
+def relaxable(order: int, corrector: bool) -> bool:
+    """Whether a step's update has a separate first derivative for USF's relaxation: every one but
+    UniP-3/4 (order ≥ 3 with the corrector)."""
+    return not (corrector and order >= 3)
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,7 @@ class SolverStep:
         # Frozen: normalise an int ratio (JSON ``1``) to float so equal steps compare and hash equal.
         object.__setattr__(self, "dc_ratio", as_float(self.dc_ratio, f"{where}.dc_ratio"))
         object.__setattr__(self, "relaxation", as_float(self.relaxation, f"{where}.relaxation"))
-        if self.relaxation != 0.0 and self.corrector and self.order >= 3:
+        if self.relaxation != 0.0 and not relaxable(self.order, self.corrector):
             raise ProfileError(
                 f"{where}.relaxation: UniP-{self.order} (order >= 3 with the corrector) has no separate first "
                 "derivative to relax; use 0, or order <= 2, or no corrector"
