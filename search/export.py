@@ -13,6 +13,8 @@ metrics, with the calibration figures beside them::
 
 ``format="diffusers"`` writes a directory instead: ``profile.json`` plus, where a profile section has
 an exact diffusers equivalent, the native diffusers pieces (:func:`diffusers_pieces`).
+``format="cache-dit"`` / ``"sglang"`` / ``"vllm-omni"`` write such a directory with the serving stack's
+own config files (:func:`difftune.search.serving_formats.serving_pieces`).
 
 Every input (the ``select`` expression, the output path) is checked before anything is measured or
 written; when no point satisfies ``select`` nothing is written at all.
@@ -45,7 +47,7 @@ __all__ = [
     "held_out_samples",
 ]
 
-FORMATS = ("difftune", "diffusers", "ecad")
+FORMATS = ("difftune", "diffusers", "cache-dit", "sglang", "vllm-omni", "ecad")
 #: How much worse a quality figure may be on held-out samples than on calibration samples before
 #: :func:`export_point` warns that the point may have overfit its calibration samples (absolute for
 #: bounded figures, relative for FID).
@@ -86,7 +88,7 @@ class DiffusersExport:
 class ExportResult:
     """The outcome of :func:`export_point`."""
 
-    path: Path  # the profile file (difftune format) or the directory (diffusers format)
+    path: Path  # the profile file (difftune, ecad) or the directory (diffusers, cache-dit, sglang, vllm-omni)
     profile: Any  # the written difftune.Profile
     study: Any  # StudyRecord
     trial: Any  # TrialRecord as exported (held-out metrics included when validated)
@@ -95,7 +97,7 @@ class ExportResult:
     held_out: dict[str, float]  # the held-out figures (empty without validation)
     held_out_seeds: tuple[int, ...] = ()
     warnings: tuple[str, ...] = ()
-    diffusers: DiffusersExport | None = None
+    diffusers: DiffusersExport | None = None  # a directory format's pieces (a ServingExport for a serving stack)
     #: points re-measured before this one whose held-out figures missed the selection (TrialRecords)
     rejected: tuple[Any, ...] = ()
 
@@ -352,7 +354,7 @@ def _check_out(out: Path, fmt: str) -> None:
             raise DifftuneError(f"--out {out} is a directory; give the path of the ECAD schedule file (.json)")
     else:
         if out.exists() and not out.is_dir():
-            raise DifftuneError(f"--out {out} is a file; --format diffusers writes a directory")
+            raise DifftuneError(f"--out {out} is a file; --format {fmt} writes a directory")
         if out.is_dir() and any(out.iterdir()) and not (out / PROFILE_FILE).exists():
             raise DifftuneError(f"--out {out} is a non-empty directory that is not a difftune export; choose another")
 
@@ -367,7 +369,8 @@ def _write_directory(out: Path, profile: Any, pieces: DiffusersExport) -> Path:
         for rel, content in pieces.files.items():
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+            text = content if isinstance(content, str) else json.dumps(content, indent=2, sort_keys=True) + "\n"
+            target.write_text(text)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, old / "previous")
@@ -423,9 +426,11 @@ def export_point(
             A store passed in is left open.
         study: the study's name.
         select: e.g. ``"fastest where psnr>=30"`` (:func:`difftune.store.parse_select`).
-        out: the profile file (``format="difftune"``) or directory (``format="diffusers"``).
-        format: ``"difftune"`` (one JSON profile) or ``"diffusers"`` (a directory: ``profile.json``
-            and the native diffusers configs where the setting is expressible there).
+        out: the profile file (``format="difftune"`` / ``"ecad"``) or directory (the other formats).
+        format: ``"difftune"`` (one JSON profile), ``"diffusers"`` (a directory: ``profile.json``
+            and the native diffusers configs where the setting is expressible there), ``"cache-dit"``,
+            ``"sglang"`` or ``"vllm-omni"`` (such a directory with that serving stack's config files,
+            :mod:`difftune.search.serving_formats`) or ``"ecad"`` (ECAD's schedule JSON).
         validate: re-measure the point on held-out samples (default). ``False`` keeps the stored
             calibration figures, marked ``"split": "calibration"``.
         samples: held-out samples (default: as many as the study's calibration samples).
@@ -512,7 +517,7 @@ def export_point(
         reference_info = dict(record.reference or {})
 
         pipe = None
-        if validate or format == "diffusers":
+        if validate or format not in ("difftune", "ecad"):
             pipe = _study_pipeline(store, record, settings, pipeline, say)
 
         held: dict[str, float] = {}
@@ -582,6 +587,14 @@ def export_point(
             assert pipe is not None
             say("writing the diffusers configs …")
             pieces = diffusers_pieces(profile, pipe)
+            written = _write_directory(out_path, profile, pieces)
+            profile_path = written / PROFILE_FILE
+        elif format in ("cache-dit", "sglang", "vllm-omni"):
+            from difftune.search.serving_formats import serving_pieces
+
+            assert pipe is not None
+            say(f"writing the {format} configs …")
+            pieces = serving_pieces(profile, pipe, format)
             written = _write_directory(out_path, profile, pieces)
             profile_path = written / PROFILE_FILE
         elif format == "ecad":
