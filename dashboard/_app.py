@@ -40,7 +40,7 @@ PAGES = ("Studies", "Front", "Point", "Compare", "Hypervolume")
 REFRESH_S = 5
 _THUMB_PX = 96
 #: The kinds' marker shapes (the chart's symbols) in the filter's labels.
-_KIND_MARK = {"baseline": "■", "seed": "◆", "searched": "●", "retry": "◉"}
+_KIND_MARK = {"baseline": "■", "seed": "◆", "searched": "●", "retry": "◉", "warm": "▲"}
 
 
 def main() -> None:

@@ -73,6 +73,7 @@ KIND_STYLE: Mapping[str, tuple[str, str]] = {
     "seed": ("diamond", "#ff7f0e"),
     "searched": ("circle", "#2ca02c"),
     "retry": ("circle-dot", "#9467bd"),
+    "warm": ("triangle-up", "#8c564b"),
 }
 #: The speed axis: speedup against the study's reference setting, or the latency itself.
 X_METRICS = ("speedup", "latency_ms")
@@ -100,10 +101,13 @@ def fmt(value: float | None, unit: str = "") -> str:
 
 
 def point_label(trial: TrialRecord) -> str:
-    """The hand-made method's name of a baseline or seed, ``"retry of trial N"`` for a retry, else ``""``."""
+    """The hand-made method's name of a baseline or seed, ``"retry of trial N"`` for a retry, ``"warm: <study>#N"``
+    for a warm-start point, else ``""``."""
     config = trial.config or {}
     if trial.kind == "retry":
         return f"retry of trial {config.get('retry_of', '?')}"
+    if trial.kind == "warm":
+        return f"warm: {config.get('warm', '?')}"
     return str(config.get("baseline") or config.get("seed") or "")
 
 

@@ -315,6 +315,8 @@ def _point_label(trial: Any, study: Any = None) -> str:
         label = f"of trial {config.get('retry_of', '?')}"
     elif config.get("baseline") or config.get("seed"):
         label = str(config.get("baseline") or config.get("seed"))
+    elif trial.kind == "warm":
+        label = f"warm: {config.get('warm', '?')}"
     else:
         label = f"{study.space} search ({study.searcher})" if study is not None else ""
     memo = config.get("memo_of")
@@ -790,7 +792,7 @@ def export(
         str, typer.Option(help="Which Pareto point, e.g. 'fastest where psnr>=30' or 'best psnr where speedup>=2'.")
     ],
     out: Annotated[
-        Path, typer.Option(help="Where to write the profile (JSON file; a directory for --format diffusers).")
+        Path, typer.Option(help="Where to write the profile (JSON file; a directory for the directory formats).")
     ],
     storage: Annotated[
         str | None, typer.Option(help="Database URL (default: $DIFFTUNE_STORAGE or sqlite:///difftune.db).")
@@ -800,7 +802,9 @@ def export(
         typer.Option(
             "--format",
             help="difftune: one profile JSON; diffusers: a directory with profile.json and the native diffusers "
-            "configs where the setting is expressible there; ecad: ECAD's schedule JSON (cache masks only).",
+            "configs where the setting is expressible there; cache-dit, sglang, vllm-omni: such a directory with "
+            "that serving stack's cache-dit config (cache_dit.yaml, sglang.env, vllm_omni_cache_config.json); "
+            "ecad: ECAD's schedule JSON (cache masks only).",
         ),
     ] = "difftune",
     validate: Annotated[
@@ -981,6 +985,38 @@ def tiers(
         )
     console.print(table)
     console.print(f"wrote {out} ({len(bundle.names)} tiers: {', '.join(bundle.names)})", highlight=False)
+
+
+@app.command()
+def nightly(
+    config: Annotated[Path, typer.Option(help="The nightly configuration (TOML); see examples/nightly-embedded.toml.")],
+    night: Annotated[
+        str | None,
+        typer.Option(help="The night's id (default: an interrupted night's, else today's date; .2, .3 … when taken)."),
+    ] = None,
+) -> None:
+    """The cron entry point: per model, re-validate last night's profiles, search warm-started from last night's
+    fronts, export tonight's profiles, and write a report (Markdown and a front plot).
+
+    Exit code 0 when all is well, 1 when a profile regressed (or a selection is no longer met), 2 on a
+    configuration or model error, or when another night holds the lock. An interrupted night is resumed by
+    the next invocation. Crontab: 0 2 * * * cd /srv/difftune && difftune nightly --config nightly.toml
+    """
+    from difftune.search.nightly import load_config, run_nightly
+
+    cfg = load_config(config)
+    _quiet_loading()
+    result = run_nightly(
+        cfg, night=night, progress=lambda text: err_console.print(text, highlight=False, soft_wrap=True)
+    )
+    for line in result.errors:
+        err_console.print(f"[red]error:[/] {line}", highlight=False, soft_wrap=True)
+    for line in result.regressions:
+        err_console.print(f"[yellow]regression:[/] {line}", highlight=False, soft_wrap=True)
+    verdict = {0: "all well", 1: "regression", 2: "error"}[result.exit_code]
+    console.print(f"night {result.night}: {verdict}; report {result.report}", highlight=False)
+    if result.exit_code:
+        sys.exit(result.exit_code)
 
 
 @app.command()

@@ -52,6 +52,7 @@ __all__ = [
     "STALE_AFTER_S",
     "RunProgress",
     "RunResult",
+    "WarmPoint",
     "default_study_name",
     "front_hypervolume",
     "memo_key",
@@ -153,6 +154,22 @@ class RunResult:
     def all_failed(self) -> bool:
         """True when this run's trials all failed, or the study holds no complete trial at all."""
         return (self.new_trials > 0 and self.new_failed == self.new_trials) or self.complete == 0
+
+
+@dataclass(frozen=True)
+class WarmPoint:
+    """A point an earlier study's search found, re-measured first in a new study to warm-start it.
+
+    It is stored as a trial of kind ``warm`` (claimed once, as ``warm:<name>``), measured afresh — never
+    copied from the memo — and given to the searcher like a seed.
+    """
+
+    name: str  # "<study>#<trial number>" of the trial it comes from
+    params: Mapping[str, Any]  # the point in the space's variables
+    origin: str | None = None  # where that trial's point first came from, when it was itself carried over
+
+    def config(self) -> dict[str, Any]:
+        return {"warm": self.name, **({"origin": self.origin} if self.origin else {})}
 
 
 def default_study_name(model: str, space: str) -> str:
@@ -360,6 +377,8 @@ class _Job:
     #: multi-fidelity: calibration samples of the screening rung (0: off) and the share that goes on
     screen: int = 0
     screen_eta: int = 3
+    #: an earlier study's points, re-measured first (kind ``warm``) and given to the searcher
+    warm: list[Any] = field(default_factory=list)
 
 
 def _metric_context(pipe: Any, info: Any) -> Any:
@@ -544,7 +563,7 @@ def store_url_for_optuna(store: Any) -> str:
 
 
 def _candidates(job: _Job) -> list[Any]:
-    """Interrupted trials to retry first, then the space's baselines and seeds, in order.
+    """Interrupted trials to retry first, then the warm-start points, the space's baselines and seeds, in order.
 
     Keys some trial already holds are skipped by :meth:`~difftune.store.Store.claim_trial` itself,
     inside its locked transaction; an interrupted baseline or seed frees its own key and is retried
@@ -555,12 +574,13 @@ def _candidates(job: _Job) -> list[Any]:
     out = []
     for t in job.store.list_trials(job.study.id, TrialState.INTERRUPTED):
         config = dict(t.config or {})
-        if not config or t.kind in ("baseline", "seed"):
+        if not config or t.kind in ("baseline", "seed", "warm"):
             continue  # killed before the searcher filled in its point; or retried by its own key
         config["retry_of"] = config.get("retry_of", t.number)
         config.pop("optuna_number", None)
         config.pop("searcher_number", None)
         out.append(Candidate(f"retry:{config['retry_of']}", t.params, config, kind="retry"))
+    out += [Candidate(f"warm:{p.name}", p.params, p.config(), kind="warm") for p in job.warm]
     out += [
         Candidate(f"baseline:{p.name}", p.params or {}, _baseline_config(p), kind="baseline") for p in job.baselines
     ]
@@ -703,7 +723,8 @@ def _evaluate_trial(job: _Job, trial: Any, sections_of: Callable[[], Mapping[str
         config["profile"] = profile.to_dict()
         if job.memo_context is not None:
             key = memo_key(config["profile"], job.memo_context)
-            reused = _memoised(job, trial, config, key)
+            # a warm-start point is there to be measured again (tonight's drivers, load, libraries)
+            reused = _memoised(job, trial, config, key) if trial.kind != "warm" else None
             if reused is not None:
                 return reused
         decoded = time.perf_counter()
@@ -762,7 +783,8 @@ def _screen(job: _Job, trial: Any, profile: Any) -> str | None:
     ``1/eta`` of the study's screened points lie in better non-dominated fronts than its own. Speed at
     this rung is one timed call of the screening samples against the reference's (re-timed once per
     trial, fastest kept): cheap, and comparable across the candidates of the rung. Hand-made points
-    (baselines, seeds) are screened too, so the rung has their figures to compare with, and always go on.
+    (baselines, seeds) and warm-start points are screened too, so the rung has their figures to compare
+    with, and always go on.
     """
     from difftune.evaluators import LatencyOptions, evaluate
 
@@ -777,7 +799,7 @@ def _screen(job: _Job, trial: Any, profile: Any) -> str | None:
     )
     values = _finite(measured, " on screening")
     job.store.record_metrics(trial.id, values, rung=SCREEN_RUNG)
-    if trial.kind in ("baseline", "seed"):
+    if trial.kind in ("baseline", "seed", "warm"):
         return None
     return _screened_out(job, trial.id, values)
 
@@ -822,14 +844,24 @@ def _screened_out(job: _Job, trial_id: int, values: Mapping[str, float]) -> str 
     )
 
 
-def _run_trials(job: _Job, progress: Callable[[RunProgress], None] | None, max_trials: int | None = None) -> int:
-    """Claim and run trials until the study's budget is used up (or ``max_trials``); returns how many ran."""
+def _run_trials(
+    job: _Job,
+    progress: Callable[[RunProgress], None] | None,
+    max_trials: int | None = None,
+    deadline: float | None = None,
+) -> int:
+    """Claim and run trials until the study's budget is used up (or ``max_trials``, or the ``time.monotonic()``
+    ``deadline`` passes: no trial starts after it); returns how many ran."""
     from difftune.store import TrialState
 
     store, study_id = job.store, job.study.id
     ran = 0
     by_name = {p.name: p for p in job.baselines}
     while max_trials is None or ran < max_trials:
+        if deadline is not None and time.monotonic() >= deadline:
+            finished, budget = store.count_budget_trials(study_id), store.get_study(study_id).budget
+            job.notes.append(f"stopped at the time limit after {ran} trials of this run ({finished} of {budget} done)")
+            break
         iteration = time.perf_counter()
         evaluated = job.timings["evaluation_s"]
         if store.interrupt_trials(study_id, grace_period=STALE_AFTER_S, alive=_worker_alive):
@@ -855,6 +887,8 @@ def _run_trials(job: _Job, progress: Callable[[RunProgress], None] | None, max_t
                 raise SpaceError(f"baseline {label!r} of study {job.study.name!r} is not a baseline of its space")
         elif config.get("seed"):
             label = f"seed {config['seed']}"
+        elif config.get("warm"):
+            label = f"warm {config['warm']}"
         else:  # a retried searched point
             label = f"trial {trial.number} (retry of {config.get('retry_of')})"
         sections_of = functools.partial(_sections, job, params, point)
@@ -930,7 +964,8 @@ def _history(job: _Job) -> list[Any]:
             continue
         objective = [values[s.name] for s in job.specs] if values else None
         constraints = {str(c): c.violation(values[c.metric]) for c in job.constraints if c.metric in values}
-        label = str((t.config or {}).get("baseline") or (t.config or {}).get("seed") or f"trial {t.number}")
+        config = t.config or {}
+        label = str(config.get("baseline") or config.get("seed") or config.get("warm") or f"trial {t.number}")
         out.append(Observation(t.params, objective, constraints, label))
     return out
 
@@ -940,11 +975,12 @@ def _result(job: _Job, before: int, ran: int) -> RunResult:
 
     store, study_id = job.store, job.study.id
     front = store.pareto_front(study_id, constraints=job.constraints)
+    study_rec = store.get_study(study_id)
     if not store.count_trials(study_id, TrialState.RUNNING):
         store.record_front(study_id, [t.id for t in front])
-        study_rec = store.set_study_status(study_id, "finished")
-    else:
-        study_rec = store.get_study(study_id)
+        # a run stopped early (a time limit, max_trials) leaves the study to be resumed, not finished
+        if study_rec.budget is None or store.count_budget_trials(study_id) >= study_rec.budget:
+            study_rec = store.set_study_status(study_id, "finished")
     if job.screen:
         pruned, complete = (
             store.count_trials(study_id, TrialState.PRUNED),
@@ -1007,6 +1043,8 @@ def run_study(
     screen_eta: int | None = None,
     on_start: Callable[[Any], None] | None = None,
     stack_from: Sequence[str] = (),
+    warm_start: Sequence[WarmPoint] = (),
+    time_limit_s: float | None = None,
 ) -> RunResult:
     """Run or resume a study until the store holds ``budget`` finished trials, then record its front.
 
@@ -1066,6 +1104,11 @@ def run_study(
             the same model in this store; their best points per PSNR floor are stacked into joint
             points and evaluated as baselines ``stack_psnrF`` (:mod:`difftune.search.stack`). They
             count against the budget like every baseline; a stack already stored is not run again.
+        warm_start: points of an earlier study of the same model and space (:class:`WarmPoint`), measured
+            first as trials of kind ``warm`` and given to the searcher; they count against the budget.
+            A point the space cannot decode fails as its own trial, like any other.
+        time_limit_s: start no trial after this many seconds (the running one finishes); the study stays
+            resumable with its budget, and the result's notes say where it stopped.
 
     Raises:
         DifftuneError: bad input (unknown model, space, searcher or metric; a metric this model
@@ -1076,6 +1119,9 @@ def run_study(
 
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         raise SpaceError(f"budget: expected an integer >= 1, got {budget!r}")
+    if time_limit_s is not None and not (isinstance(time_limit_s, (int, float)) and time_limit_s > 0):
+        raise DifftuneError(f"time_limit_s: expected a number of seconds > 0, got {time_limit_s!r}")
+    deadline = None if time_limit_s is None else time.monotonic() + float(time_limit_s)
     lo, hi = nfe_range
     if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo <= hi):
         raise SpaceError(f"nfe_range: expected integers 1 <= low <= high, got {nfe_range!r}")
@@ -1196,10 +1242,11 @@ def run_study(
 
             found = stacked_points(store, space_obj, job.context, list(stack_from), fingerprint=info.fingerprint)
             job.baselines = [*job.baselines, *found]
+        job.warm = list(warm_start)
         _restore(job)
         _fail_dead_proposals(job)
         before = store.count_budget_trials(study_rec.id)
-        ran = _run_trials(job, progress)
+        ran = _run_trials(job, progress, deadline=deadline)
         return _result(job, before, ran)
     finally:
         store.close()

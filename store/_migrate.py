@@ -106,7 +106,7 @@ def upgrade(url: str | None = None, revision: str = "head") -> str:
     Optuna's tables in the same database are left alone. Returns the revision the database is at.
 
     >>> upgrade("sqlite://")
-    'v0.6.0.a'
+    'v0.7.0.a'
 
     Raises:
         StoreError: the database is unreachable, the URL is malformed, or the schema is newer than

@@ -139,7 +139,8 @@ class TrialModel(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     #: what a worker claimed this trial as ("baseline:fora_3", "retry:17"); unique within a study
     claim: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    #: baseline (a named hand-made method), seed (a hand-made starting point), searched, or retry
+    #: baseline (a named hand-made method), seed (a hand-made starting point), searched, retry, or warm
+    #: (an earlier study's point re-measured to warm-start this one)
     kind: Mapped[str] = mapped_column(String(16), server_default="searched", default="searched")
     #: hash of the applied profile and the measurement's context: equal keys measured the same thing
     memo_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -153,7 +154,7 @@ class TrialModel(Base):
         # A memoised result is looked up by its key across every study.
         Index("ix_difftune_trials_memo_key", "memo_key"),
         CheckConstraint("state IN ('running', 'complete', 'failed', 'pruned', 'interrupted')", name="state"),
-        CheckConstraint("kind IN ('baseline', 'seed', 'searched', 'retry')", name="kind"),
+        CheckConstraint("kind IN ('baseline', 'seed', 'searched', 'retry', 'warm')", name="kind"),
     )
 
 

@@ -87,8 +87,9 @@ class TrialState(str, Enum):
 
 
 #: What a trial is: a named hand-made method, a hand-made starting point for the searcher, a point the
-#: searcher proposed, or the re-run of an interrupted trial's point.
-TRIAL_KINDS = ("baseline", "seed", "searched", "retry")
+#: searcher proposed, the re-run of an interrupted trial's point, or a point an earlier study's search
+#: found, re-measured to warm-start this one (``difftune nightly``).
+TRIAL_KINDS = ("baseline", "seed", "searched", "retry", "warm")
 
 
 class StudyStatus(str, Enum):

@@ -77,8 +77,8 @@ def _model_schema() -> dict[str, Any]:
 
 def test_upgrade_builds_exactly_the_models_schema(db: str) -> None:
     assert current_revision(db) is None
-    assert upgrade(db) == head_revision() == "v0.6.0.a"
-    assert current_revision(db) == "v0.6.0.a"
+    assert upgrade(db) == head_revision() == "v0.7.0.a"
+    assert current_revision(db) == "v0.7.0.a"
     assert _reflected_schema(db) == _model_schema()
     engine = _engine(db)
     try:
