@@ -186,6 +186,11 @@ def _dpm_solver_equivalent(solver: Any, base: Any) -> tuple[dict[str, Any] | Non
     from difftune.accel.solver import _SIGMA_FIRST_OPTIONS, USFScheduler
 
     steps = solver.steps
+    if getattr(solver, "analytic_first", False):
+        return None, (
+            "the analytical first step (no model call at the first timestep): diffusers' schedulers call the model at "
+            "every timestep"
+        )
     if any(s.prediction != "data" for s in steps):
         return None, "noise-prediction steps (DPM-Solver) mixed into the schedule"
     if any(s.corrector for s in steps):

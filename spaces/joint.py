@@ -80,6 +80,25 @@ def _prefixed(params: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {f"{prefix}{k}": v for k, v in params.items()}
 
 
+class _EvaluationSolver(SolverSpace):
+    """The solver space without USF's analytical first step: the joint space's cache masks and DC ratios are per
+    model evaluation, and an analytical step is a grid step without one (it is searched in the solver space)."""
+
+    def variables(self, context: SpaceContext) -> list[Variable]:
+        return [v for v in super().variables(context) if v.name != "analytic_first"]
+
+    def encode(self, sections: Mapping[str, Any], context: SpaceContext) -> dict[str, Any]:
+        schedule = sections.get("solver")
+        if getattr(schedule, "analytic_first", False) or (
+            isinstance(schedule, Mapping) and schedule.get("analytic_first")
+        ):
+            raise SpaceError(
+                "space 'joint': the analytical first step is searched in the solver space (the joint space's cache "
+                "masks and DC ratios are per model evaluation)"
+            )
+        return super().encode(sections, context)
+
+
 @register_space("joint")
 class JointSpace(Space):
     """Solver × cache × sparsity × quantization in one point (see the module docstring).
@@ -99,7 +118,7 @@ class JointSpace(Space):
         if unknown or "solver" not in parts:
             raise SpaceError(f"space 'joint': parts {list(parts)} must include 'solver', others from {list(PARTS)}")
         self.parts = tuple(p for p in PARTS if p in parts)
-        self.solver = SolverSpace()
+        self.solver = _EvaluationSolver()
         self.cache = CacheSpace()
         self.sada = SADASpace()
         self.quant = QuantSpace(backend=backend)

@@ -54,6 +54,7 @@ each at the spacing measured best for the model (:func:`~difftune.spaces.best_sp
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -193,6 +194,13 @@ def _valid_grid(t: np.ndarray, n: int, timeline: _Timeline) -> bool:
     )
 
 
+def _analytic_step(prediction: str) -> SolverStep:
+    """The step of an analytical first step as the space decodes it: first order, no corrector (its prediction
+    type does not change the update: with x̂₀ = 0 every first-order exponential integrator gives
+    x₁ = σ₁/σ₀ · x_T)."""
+    return SolverStep(order=1, prediction=prediction)
+
+
 def _parse_step(choice: str) -> tuple[int, bool]:
     return int(choice[0]), choice.endswith("c")
 
@@ -282,6 +290,12 @@ class SolverSpace(Space):
             ),
             Variable("corrector", "bool", default=False, help="UniC corrector on every step with a next evaluation"),
             Variable(
+                "analytic_first",
+                "bool",
+                default=False,
+                help="USF's analytical first step: x̂₀ = 0 at the first timestep, one more grid step for no model call",
+            ),
+            Variable(
                 "relaxation",
                 "float",
                 *RELAXATION_RANGE,
@@ -307,21 +321,22 @@ class SolverSpace(Space):
         timeline = self._timeline(context)
         changes: list[str] = []
         n = int(params["nfe"])
+        m = n + int(bool(params.get("analytic_first", False)))  # grid steps: the analytical one has no evaluation
         grid = params["grid"]
         if grid in _FIXED_GRIDS:
-            t = timeline.spacing(grid, n, params.get("t_start", 1.0))
-            if not _valid_grid(t, n, timeline):
+            t = timeline.spacing(grid, m, params.get("t_start", 1.0))
+            if not _valid_grid(t, m, timeline):
                 # diffusers' trailing spacing steps by T/n from a clipped start, which loses steps.
                 changes.append(
-                    f"t_start: {grid} spacing from {params['t_start']:g} gives {len(t)} valid timesteps, not {n}; "
+                    f"t_start: {grid} spacing from {params['t_start']:g} gives {len(t)} valid timesteps, not {m}; "
                     "set to 1.0"
                 )
                 params["t_start"] = 1.0
         else:
             t_start = params.get("t_start", 1.0)
-            t = timeline.continuous(grid, n, t_start, params["t_end"], params["warp"], params["karras_rho"])
-            if not _valid_grid(t, n, timeline):
-                changes.append(f"warp: {params['warp']:g} gives coinciding timesteps at {n} steps; set to 1.0")
+            t = timeline.continuous(grid, m, t_start, params["t_end"], params["warp"], params["karras_rho"])
+            if not _valid_grid(t, m, timeline):
+                changes.append(f"warp: {params['warp']:g} gives coinciding timesteps at {m} steps; set to 1.0")
                 params["warp"] = 1.0
         for i in range(n):
             key = f"step_{i}"
@@ -345,7 +360,8 @@ class SolverSpace(Space):
     # ---- decode / encode -------------------------------------------------------------------
 
     def _timesteps(self, params: Mapping[str, Any], timeline: _Timeline) -> np.ndarray:
-        n, grid = int(params["nfe"]), params["grid"]
+        """The grid: one timestep per evaluation, and one more in front for an analytical first step."""
+        n, grid = int(params["nfe"]) + int(bool(params.get("analytic_first", False))), params["grid"]
         t_start = params.get("t_start", 1.0)
         if grid in _FIXED_GRIDS:
             return timeline.spacing(grid, n, t_start)
@@ -369,8 +385,11 @@ class SolverSpace(Space):
             prediction = params["prediction"] if i < params["prediction_switch"] else other
             relaxation = float(params["relaxation"]) if relaxable(order, corrector) else 0.0
             steps.append(SolverStep(order=order, prediction=prediction, corrector=corrector, relaxation=relaxation))
+        afs = bool(params.get("analytic_first", False))
+        if afs:  # the analytical step: first order (x̂₀ = 0 moves x by σ₁/σ₀), no corrector
+            steps.insert(0, _analytic_step(params["prediction"]))
         try:
-            return {"solver": SolverSchedule(tuple(float(v) for v in t), tuple(steps))}
+            return {"solver": SolverSchedule(tuple(float(v) for v in t), tuple(steps), analytic_first=afs)}
         except ProfileError as exc:  # repair should make this unreachable; say which point broke it
             raise SpaceError(f"solver point {dict(params)!r} decodes to an invalid schedule: {exc}") from exc
 
@@ -398,14 +417,17 @@ class SolverSpace(Space):
                 f"space 'solver': the schedule ends at {schedule.final_sigma}, the scheduler at {own_final}; "
                 "the space's schedules end where the pipeline's scheduler does"
             )
-        n = schedule.num_steps
+        n = schedule.nfe
         lo, hi = context.nfe_range
         if not lo <= n <= hi:
-            raise SpaceError(f"space 'solver': the schedule has {n} steps, outside nfe_range {context.nfe_range}")
+            raise SpaceError(f"space 'solver': the schedule has {n} evaluations, outside nfe_range {context.nfe_range}")
+        afs = schedule.analytic_first
         params = self.default_params(context)
         params["nfe"] = n
-        params.update(self._encode_grid(np.asarray(schedule.timesteps), n, timeline, context))
-        params.update(self._encode_steps(schedule.steps, timeline, hi))
+        if afs:
+            params["analytic_first"] = True
+        params.update(self._encode_grid(np.asarray(schedule.timesteps), schedule.num_steps, timeline, context))
+        params.update(self._encode_steps(schedule.steps[int(afs) :], timeline, hi))
         decoded = self._decode(self.repair(params, context).params, context)["solver"]
         target = self._normalised(schedule, timeline)
         same = decoded.steps == target.steps and np.allclose(decoded.timesteps, target.timesteps, rtol=0, atol=_ATOL)
@@ -414,14 +436,22 @@ class SolverSpace(Space):
         return params
 
     def _normalised(self, schedule: SolverSchedule, timeline: _Timeline) -> SolverSchedule:
-        n = schedule.num_steps
+        """``schedule`` with the orders the space would give it (at most the evaluations so far; 1 on a last step
+        landing on σ = 0); an analytical first step as the space writes it."""
+        afs = int(schedule.analytic_first)
+        evaluated = schedule.steps[afs:]
+        n = len(evaluated)
         steps = []
-        for i, s in enumerate(schedule.steps):
+        for i, s in enumerate(evaluated):
             order = min(s.order, i + 1)
             if i == n - 1 and timeline.final_zero:
                 order = 1
             steps.append(SolverStep(order, s.prediction, s.corrector, s.dc_ratio, s.relaxation))
-        return SolverSchedule(schedule.timesteps, tuple(steps))
+        if afs:
+            steps.insert(
+                0, dataclasses.replace(_analytic_step(evaluated[0].prediction), dc_ratio=schedule.steps[0].dc_ratio)
+            )
+        return SolverSchedule(schedule.timesteps, tuple(steps), analytic_first=bool(afs))
 
     def _encode_grid(self, t: np.ndarray, n: int, timeline: _Timeline, context: SpaceContext) -> dict[str, Any]:
         variables = {v.name: v for v in self.variables(context)}

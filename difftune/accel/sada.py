@@ -756,6 +756,12 @@ def apply_sada(pipe: Any, config: SADAConfig | None = None, *, strict: bool = Tr
     info = describe(pipe)
     denoiser = getattr(pipe, info.denoiser)
     scheduler = pipe.scheduler
+    schedule = getattr(scheduler, "schedule", None)
+    if getattr(schedule, "analytic_first", False):
+        raise ProfileError(
+            "sparsity: SADA reuses earlier steps' denoiser outputs, and a solver schedule with analytic_first has no "
+            "model output at its first step; drop one of them (solver.analytic_first or the sparsity section)"
+        )
     view = _view_for(scheduler)
     blocks = _prunable_blocks(denoiser) if config.prunes_tokens else []
     if config.prunes_tokens and not blocks:

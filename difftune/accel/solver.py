@@ -23,6 +23,7 @@ the diffusers schedulers of the same algorithms were the reference for the equiv
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Mapping, Sequence
@@ -35,7 +36,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
 from difftune.accel._fields import as_float, as_int, as_str, check_keys
-from difftune.accel._hooks import Handle
+from difftune.accel._hooks import CompositeHandle, Handle, wrap_forward
 from difftune.accel._registry import register_technique
 from difftune.errors import ProfileError
 
@@ -166,6 +167,12 @@ class SolverSchedule:
     #: ``"zero"`` (the clean sample) or ``"sigma_min"`` (the smallest training noise level, VP models
     #: only; DC-Solver's reference setting). Written to the profile only when set.
     final_sigma: str | None = None
+    #: USF's analytical first step: at the first timestep the model is not called; its prediction is
+    #: taken as x̂₀ = 0 (ε̂ = x_T/σ_T), which at pure noise is what a model trained on zero-mean data
+    #: predicts on average. The step still moves the sample (x ← σ₁/σ₀·x_T at first order) and its
+    #: x̂₀ = 0 is a buffered point for the next steps' multistep updates, so the schedule costs
+    #: ``num_steps − 1`` evaluations (:attr:`nfe`). Written to the profile only when set.
+    analytic_first: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
@@ -191,6 +198,13 @@ class SolverSchedule:
                 raise ProfileError(f"solver.steps[{i}]: expected a SolverStep, got {step!r}")
         if self.final_sigma is not None:
             as_str(self.final_sigma, "solver.final_sigma", _FINAL_SIGMAS)
+        if not isinstance(self.analytic_first, bool):
+            raise ProfileError(f"solver.analytic_first: expected true or false, got {self.analytic_first!r}")
+        if self.analytic_first and len(ts) < 2:
+            raise ProfileError(
+                "solver.analytic_first: true on a one-timestep schedule; the analytical first step replaces the first "
+                "model evaluation, so at least one more timestep must follow it"
+            )
         if self.steps[-1].corrector:
             raise ProfileError(
                 f"solver.steps[{len(ts) - 1}].corrector: true on the last step; the corrector needs the next model "
@@ -199,13 +213,24 @@ class SolverSchedule:
 
     @property
     def num_steps(self) -> int:
-        """The number of model evaluations (NFE)."""
+        """The number of sampling steps (timesteps); the pipeline's ``num_inference_steps``."""
         return len(self.timesteps)
 
+    @property
+    def nfe(self) -> int:
+        """The model evaluations a run costs: one per timestep but the analytical first step's."""
+        return len(self.timesteps) - int(self.analytic_first)
+
     def to_dict(self) -> dict[str, Any]:
-        out = {"kind": "usf", "timesteps": list(self.timesteps), "steps": [s.to_dict() for s in self.steps]}
+        out: dict[str, Any] = {
+            "kind": "usf",
+            "timesteps": list(self.timesteps),
+            "steps": [s.to_dict() for s in self.steps],
+        }
         if self.final_sigma is not None:
             out["final_sigma"] = self.final_sigma
+        if self.analytic_first:
+            out["analytic_first"] = True
         return out
 
     @classmethod
@@ -213,7 +238,7 @@ class SolverSchedule:
         """Build from JSON, validating every field; errors are :class:`ProfileError` naming the field."""
         if not isinstance(data, Mapping):
             raise ProfileError(f"solver: expected an object, got {data!r}")
-        check_keys(data, {"kind", "timesteps", "steps", "final_sigma"}, "solver")
+        check_keys(data, {"kind", "timesteps", "steps", "final_sigma", "analytic_first"}, "solver")
         if data.get("kind", "usf") != "usf":
             raise ProfileError(f"solver.kind: expected 'usf', got {data.get('kind')!r}")
         timesteps, steps = data.get("timesteps"), data.get("steps")
@@ -226,7 +251,7 @@ class SolverSchedule:
         if final is not None:
             as_str(final, "solver.final_sigma", _FINAL_SIGMAS)
         steps_ = tuple(SolverStep.from_dict(s, f"solver.steps[{i}]") for i, s in enumerate(steps))
-        return cls(ts, steps_, final)
+        return cls(ts, steps_, final, data.get("analytic_first", False))
 
     @classmethod
     def from_scheduler(
@@ -284,15 +309,69 @@ class SolverSchedule:
 
         The noise schedule and the model's parameterisation are read from the pipeline's scheduler
         config. ``strict`` is accepted for the profile interface: a run with another number of
-        steps than the schedule has always fails, since no schedule exists for it.
+        steps than the schedule has always fails, since no schedule exists for it. With
+        :attr:`analytic_first`, the denoiser's calls at the first step of a run return a placeholder
+        of the output's shape without running the network (the scheduler does not read it).
         """
         original = pipe.scheduler
-        pipe.scheduler = USFScheduler.from_schedule(self, original)
+        scheduler = USFScheduler.from_schedule(self, original)
+        pipe.scheduler = scheduler
 
         def undo() -> None:
             pipe.scheduler = original
 
-        return Handle(undo)
+        handle = CompositeHandle([Handle(undo)])
+        if self.analytic_first:
+            from difftune.models import adapter_for
+
+            denoiser = adapter_for(pipe).denoiser(pipe)
+            handle.add(wrap_forward(denoiser, functools.partial(_analytic_first_call, pipe, scheduler, denoiser)))
+        return handle
+
+
+def _analytic_first_call(
+    pipe: Any, scheduler: USFScheduler, denoiser: Any, forward: Any, *args: Any, **kwargs: Any
+) -> Any:
+    """The denoiser's forward under an analytical first step: the first step's calls (before the scheduler has
+    stepped in this run, from the grid's first timestep) are answered with zeros of the output's shape."""
+    first = (
+        pipe.scheduler is scheduler
+        and scheduler.num_inference_steps is not None
+        and scheduler._step_index is None
+        and scheduler._begin_index in (None, 0)
+    )
+    if not first:
+        return forward(*args, **kwargs)
+    return placeholder_output(denoiser, args, kwargs)
+
+
+def placeholder_output(denoiser: Any, args: tuple, kwargs: dict) -> Any:
+    """Zeros shaped like ``denoiser(*args, **kwargs)``'s output, in its return form, without running it.
+
+    The sample is the first argument (``hidden_states`` / ``sample``); an image-shaped one keeps its
+    batch and size with the model's ``out_channels`` (twice the latent channels for learned-variance
+    DiT / PixArt), a token sequence (Flux) its batch and length with ``patch_size² · out_channels``.
+    """
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+    if not isinstance(sample, torch.Tensor):
+        raise ProfileError("solver.analytic_first: the denoiser was called without a sample tensor to shape its output")
+    config = getattr(denoiser, "config", {}) or {}
+    # the config's value, else the model's own attribute (DiT sets out_channels = in_channels when the config has none)
+    channels = config.get("out_channels") or vars(denoiser).get("out_channels") or None
+    if sample.dim() == 4:
+        shape = (sample.shape[0], int(channels or sample.shape[1]), *sample.shape[2:])
+    elif sample.dim() == 3 and channels:
+        patch = int(config.get("patch_size", 1) or 1)
+        shape = (*sample.shape[:2], patch * patch * int(channels))
+    else:
+        shape = tuple(sample.shape)
+    dtype = getattr(denoiser, "dtype", sample.dtype)
+    out = torch.zeros(shape, dtype=dtype, device=sample.device)
+    if kwargs.get("return_dict", True) is False:
+        return (out,)
+    return Transformer2DModelOutput(sample=out)
 
 
 def _default_steps(
@@ -821,7 +900,11 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         if sample.dtype in (torch.float16, torch.bfloat16):
             # Half precision loses the small differences multistep terms are made of; work in float32 as diffusers does.
             sample, model_output = sample.float(), model_output.float()
-        x0, eps = self._convert(model_output, sample, i)
+        if i == 0 and self._schedule is not None and self._schedule.analytic_first:
+            # USF's analytical first step: x̂₀ = 0 at the first timestep, ε̂ = x_T / σ_T; the model output is not read.
+            x0, eps = torch.zeros_like(sample), sample / float(self._sig[0])
+        else:
+            x0, eps = self._convert(model_output, sample, i)
 
         if self._pending is not None and self._last_sample is not None:
             # UniC: now that the model has seen the predicted sample, correct that prediction before stepping on

@@ -209,6 +209,27 @@ def test_diffusers_format_names_what_has_no_equivalent(tmp_path, embedded_pipe):
     assert set(usage["not_expressible"]) == {"solver", "cache"}
 
 
+def test_an_analytical_first_step_has_no_diffusers_equivalent(embedded_pipe):
+    import dataclasses
+
+    from difftune.profile import ModelRef
+    from difftune.search.export import diffusers_pieces
+
+    info = difftune.describe(embedded_pipe)
+    schedule = SolverSchedule.from_scheduler(embedded_pipe.scheduler, STEPS)  # expressible as it is
+    afs = dataclasses.replace(schedule, analytic_first=True)
+    for solver, expressible in ((schedule, True), (afs, False)):
+        profile = difftune.Profile(
+            name="p",
+            model=ModelRef(info.name, info.family, info.fingerprint),
+            context=difftune.ProfileContext(num_inference_steps=STEPS),
+            solver=solver,
+        )
+        pieces = diffusers_pieces(profile, embedded_pipe)
+        assert ("solver" in pieces.expressible) == expressible
+    assert "analytical first step" in pieces.not_expressible["solver"]
+
+
 def test_diffusers_format_first_block_cache(tmp_path, embedded_pipe):
     url, _ = _study_with(tmp_path, embedded_pipe, {"cache": FirstBlockCacheConfig(threshold=0.1)})
     out = tmp_path / "export"

@@ -142,9 +142,12 @@ def test_solver_and_joint_spaces_run_baselines_then_searched_points(tmp_path, em
         profile = difftune.load_profile(trial.config["profile"])
         nfe = trial.values()["nfe"]
         if trial.config.get("baseline") in solver_baselines or trial.config.get("searcher_number") is not None:
-            # a solver schedule of 3 or 4 evaluations: the measured NFE is its length
-            assert profile.solver is not None and len(profile.solver.timesteps) == nfe in (3, 4)
-            assert profile.context.num_inference_steps == nfe
+            # a solver schedule of 3 or 4 evaluations: the measured NFE is its evaluations (an analytical first
+            # step is a grid step without one), and the call runs every grid step
+            assert profile.solver is not None and profile.solver.nfe == nfe in (3, 4)
+            assert (
+                profile.context.num_inference_steps == profile.solver.num_steps == nfe + profile.solver.analytic_first
+            )
             if profile.cache is not None:  # joint: the mask covers exactly the schedule's steps
                 assert profile.cache.array.shape[0] == nfe
 

@@ -53,7 +53,7 @@ def _cosine_context(context: SpaceContext) -> SpaceContext:
 
 def test_variable_count(context):
     names = [v.name for v in get_space("solver").variables(context)]
-    assert len(names) == 11 + 12
+    assert len(names) == 12 + 12
     assert names[-1] == "step_11"
 
 
@@ -176,7 +176,7 @@ def test_flow_matching_model_has_no_integer_spacings(context):
     ctx = context.replace(scheduler_config=config)
     space = get_space("solver")
     variables = {v.name: v for v in space.variables(ctx)}
-    assert "t_start" not in variables and len(variables) == 10 + 12
+    assert "t_start" not in variables and len(variables) == 11 + 12
     assert set(variables["grid"].choices) == {"flow_sigmas", "time_uniform", "logsnr_uniform", "karras"}
     rng = np.random.default_rng(0)
     for _ in range(30):
@@ -237,3 +237,34 @@ def test_relaxation_goes_to_every_step_but_unip_3_and_encodes_back(context):
     )
     with pytest.raises(SpaceError, match="one relaxation on every step"):
         space.encode({"solver": uneven}, context)
+
+
+def test_the_analytical_first_step_adds_a_grid_step_without_an_evaluation(embedded_pipe, context):
+    from difftune.evaluators.evaluate import DenoiserCalls
+
+    space = get_space("solver")
+    params = {"nfe": 5, "order": 2, "analytic_first": True, "grid": "logsnr_uniform"}
+    schedule = space.decode(params, context)["solver"]
+    plain = space.decode({**params, "analytic_first": False}, context)["solver"]
+    assert schedule.analytic_first and schedule.nfe == 5 and schedule.num_steps == 6
+    # the grid is the 6-point grid, the analytical step first order, the evaluations as without it
+    assert (
+        schedule.timesteps == space.decode({**params, "nfe": 6, "analytic_first": False}, context)["solver"].timesteps
+    )
+    assert schedule.steps[0].order == 1 and not schedule.steps[0].corrector
+    assert schedule.steps[1:] == plain.steps
+    assert space.decode(space.encode({"solver": schedule}, context), context)["solver"] == schedule
+    profile = to_profile({"solver": schedule}, context)
+    assert profile.context.num_inference_steps == 6
+    handle = difftune.apply_profile(embedded_pipe, profile)
+    try:
+        with DenoiserCalls(embedded_pipe.transformer) as counter:
+            _images(embedded_pipe, 6)
+    finally:
+        handle.remove()
+    assert (counter.calls, counter.skipped) == (5, 1)
+    # the joint space keeps it off: its masks and DC ratios are per evaluation
+    joint = get_space("joint")
+    assert "analytic_first" not in {v.name for v in joint.variables(context)}
+    with pytest.raises(SpaceError, match="analytical first step is searched in the solver space"):
+        joint.encode({"solver": schedule}, context)
