@@ -153,3 +153,29 @@ def test_sada_refuses_a_schedule_without_a_first_output(embedded_pipe):
         handle.remove()
     assert not isinstance(embedded_pipe.scheduler, USFScheduler)
     assert "forward" not in embedded_pipe.transformer.__dict__
+
+
+def test_a_cache_over_an_analytic_schedule_recomputes_what_step_0_never_cached(embedded_pipe):
+    """Block caches see no block call at the analytical step; a step that would reuse step 0's outputs finds
+    nothing cached and recomputes, so FORA 2 over a 6-step AFS schedule runs the blocks at steps 1, 2, 4."""
+    from difftune.accel.cache import FORAConfig
+    from difftune.evaluators.evaluate import DenoiserCalls
+
+    pipe = embedded_pipe
+    schedule = dataclasses.replace(SolverSchedule.from_scheduler(pipe.scheduler, 6), analytic_first=True)
+    ran: list[int] = []
+    inner = pipe.transformer.transformer_blocks[-1].ff.net[0]  # runs only where the last block's MLP is computed
+    hook = inner.register_forward_pre_hook(lambda *_: ran.append(pipe.scheduler.step_index))
+    handles = [schedule.apply(pipe), FORAConfig(2).apply(pipe)]
+    try:
+        with DenoiserCalls(pipe.transformer) as counter:
+            out = pipe(
+                class_labels=[2], generator=torch.Generator().manual_seed(0), num_inference_steps=6, output_type="pt"
+            )
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
+        hook.remove()
+    assert torch.isfinite(out.images).all()
+    assert counter.skipped == 1 and counter.calls == 5
+    assert sorted(set(ran)) == [1, 2, 4]
