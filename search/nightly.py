@@ -125,6 +125,11 @@ class ModelJob:
     latency_repeats: int = 3
     time_limit_s: float | None = None
 
+    def call_options(self) -> dict[str, Any]:
+        """How the model is loaded and called: what a study's settings and :func:`run_study` take alike."""
+        names = ("device", "dtype", "prompts", "negative_prompt", "height", "width", "guidance_scale", "batch_size")
+        return {name: getattr(self, name) for name in names}
+
 
 @dataclass(frozen=True)
 class NightlyConfig:
@@ -609,17 +614,10 @@ def _settings(cfg: NightlyConfig, job: ModelJob) -> Any:
 
     return StudySettings(
         model=job.model,
-        device=job.device,
-        dtype=job.dtype,
-        prompts=job.prompts,
-        negative_prompt=job.negative_prompt,
-        height=job.height,
-        width=job.width,
-        guidance_scale=job.guidance_scale,
         num_inference_steps=job.steps,
         samples=job.samples,
-        batch_size=job.batch_size,
         latency_repeats=job.latency_repeats,
+        **job.call_options(),
     )
 
 
@@ -783,14 +781,7 @@ def _search(
         latency_repeats=job.latency_repeats,
         progress=on_trial,
         pipeline=pipe,
-        device=job.device,
-        dtype=job.dtype,
-        prompts=job.prompts,
-        negative_prompt=job.negative_prompt,
-        height=job.height,
-        width=job.width,
-        guidance_scale=job.guidance_scale,
-        batch_size=job.batch_size,
+        **job.call_options(),
         nfe_range=space_job.nfe_range or DEFAULT_NFE_RANGE,
         warm_start=warm,
         time_limit_s=limit,
