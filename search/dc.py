@@ -339,14 +339,22 @@ class _FitScheduler(USFScheduler):
         return super().step(model_output, timestep, sample, *args, **kwargs)
 
     def _predictor(
-        self, i: int, order: int, prediction: str, x: torch.Tensor, *, unipc: bool, relax: float = 0.0
+        self,
+        i: int,
+        order: int,
+        prediction: str,
+        x: torch.Tensor,
+        *,
+        unipc: bool,
+        relax: float = 0.0,
+        points: tuple[int, ...] = (),
     ) -> torch.Tensor:
         fitter = self.fitter
         assert fitter is not None
         if i < _WARMUP or i in fitter.ratios:
-            return super()._predictor(i, order, prediction, x, unipc=unipc, relax=relax)
-        if relax:
-            raise SpaceError("dc: ratios are fitted on schedules without USF relaxation")
+            return super()._predictor(i, order, prediction, x, unipc=unipc, relax=relax, points=points)
+        if relax or points:
+            raise SpaceError("dc: ratios are fitted on schedules without USF relaxation or chosen active points")
         job = _Job(self, i, order, prediction, x, unipc)
         if job.needs_model:
             fitter.pending = job  # fitted in the next denoiser call, which evaluates the corrector's model output

@@ -194,6 +194,21 @@ def _valid_grid(t: np.ndarray, n: int, timeline: _Timeline) -> bool:
     )
 
 
+#: The ``points`` choices: earlier evaluations (offsets back) that order-2 and order-3 steps estimate their
+#: derivatives from (order 4 has three and uses all three).
+ACTIVE_POINTS: dict[str, dict[int, tuple[int, ...]]] = {
+    "recent": {},
+    "skip": {2: (2,), 3: (1, 3)},
+    "far": {2: (3,), 3: (2, 3)},
+}
+
+
+def _points(choice: str, order: int, corrector: bool, i: int) -> tuple[int, ...]:
+    """The chosen active points of step ``i`` (its ``i`` earlier evaluations bound them), or ``()``."""
+    points = ACTIVE_POINTS[choice].get(order, ()) if not corrector else ()
+    return points if points and max(points) <= i else ()
+
+
 def _analytic_step(prediction: str) -> SolverStep:
     """The step of an analytical first step as the space decodes it: first order, no corrector (its prediction
     type does not change the update: with x̂₀ = 0 every first-order exponential integrator gives
@@ -290,6 +305,14 @@ class SolverSpace(Space):
             ),
             Variable("corrector", "bool", default=False, help="UniC corrector on every step with a next evaluation"),
             Variable(
+                "points",
+                "categorical",
+                choices=tuple(ACTIVE_POINTS),
+                default="recent",
+                help="USF's active points of order-2/3 steps without the corrector: the most recent earlier "
+                "evaluations, or skip the newest ('skip'), or the farthest ('far')",
+            ),
+            Variable(
                 "analytic_first",
                 "bool",
                 default=False,
@@ -384,7 +407,12 @@ class SolverSpace(Space):
                 order, corrector = _parse_step(choice)
             prediction = params["prediction"] if i < params["prediction_switch"] else other
             relaxation = float(params["relaxation"]) if relaxable(order, corrector) else 0.0
-            steps.append(SolverStep(order=order, prediction=prediction, corrector=corrector, relaxation=relaxation))
+            points = _points(params.get("points", "recent"), order, corrector, i)
+            steps.append(
+                SolverStep(
+                    order=order, prediction=prediction, corrector=corrector, relaxation=relaxation, points=points
+                )
+            )
         afs = bool(params.get("analytic_first", False))
         if afs:  # the analytical step: first order (x̂₀ = 0 moves x by σ₁/σ₀), no corrector
             steps.insert(0, _analytic_step(params["prediction"]))
@@ -428,9 +456,16 @@ class SolverSpace(Space):
             params["analytic_first"] = True
         params.update(self._encode_grid(np.asarray(schedule.timesteps), schedule.num_steps, timeline, context))
         params.update(self._encode_steps(schedule.steps[int(afs) :], timeline, hi))
-        decoded = self._decode(self.repair(params, context).params, context)["solver"]
         target = self._normalised(schedule, timeline)
-        same = decoded.steps == target.steps and np.allclose(decoded.timesteps, target.timesteps, rtol=0, atol=_ATOL)
+        same = False
+        for choice in ACTIVE_POINTS:  # the one choice of active points that gives the schedule's, if any
+            params["points"] = choice
+            decoded = self._decode(self.repair(params, context).params, context)["solver"]
+            same = decoded.steps == target.steps and np.allclose(
+                decoded.timesteps, target.timesteps, rtol=0, atol=_ATOL
+            )
+            if same:
+                break
         if not same:
             raise SpaceError("space 'solver': the schedule is not a point of the space (its decoding differs)")
         return params
@@ -446,7 +481,8 @@ class SolverSpace(Space):
             order = min(s.order, i + 1)
             if i == n - 1 and timeline.final_zero:
                 order = 1
-            steps.append(SolverStep(order, s.prediction, s.corrector, s.dc_ratio, s.relaxation))
+            points = s.points if order == s.order and (not s.points or max(s.points) <= i) else ()
+            steps.append(SolverStep(order, s.prediction, s.corrector, s.dc_ratio, s.relaxation, points))
         if afs:
             steps.insert(
                 0, dataclasses.replace(_analytic_step(evaluated[0].prediction), dc_ratio=schedule.steps[0].dc_ratio)

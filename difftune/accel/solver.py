@@ -96,6 +96,13 @@ class SolverStep:
             prediction (in λ) is scaled by 1 + c·h, h = λ_t − λ_s, in the DPM-Solver(++) and Taylor
             updates (orders 2–4; not in UniP-3/4, i.e. with the corrector at order ≥ 3, which has
             no separate derivative). ``0.0`` changes nothing; USF's searched schedules hold −0.38 … 0.5.
+        points: USF's active points: which earlier evaluations the derivatives are estimated from, as
+            offsets back from this step's (1 = the previous evaluation, up to 3), ``order − 1`` of them,
+            increasing; the step then runs USF's Taylor update over them. ``()`` (default) is the
+            ``order − 1`` most recent ones, the multistep methods' choice. Skipping a recent point
+            (e.g. ``(2,)`` at order 2) widens the difference the derivative is taken over. Not with the
+            corrector (UniP/UniC take consecutive points). Where the farthest point does not exist yet
+            (warm-up) the step runs on the most recent points at the order available.
     """
 
     order: int = 2
@@ -103,6 +110,7 @@ class SolverStep:
     corrector: bool = False
     dc_ratio: float = 1.0
     relaxation: float = 0.0
+    points: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         self._check("step")
@@ -120,6 +128,25 @@ class SolverStep:
                 f"{where}.relaxation: UniP-{self.order} (order >= 3 with the corrector) has no separate first "
                 "derivative to relax; use 0, or order <= 2, or no corrector"
             )
+        points = self.points
+        if isinstance(points, (str, bytes)) or not isinstance(points, (tuple, list)):
+            raise ProfileError(f"{where}.points: expected a list of offsets, got {points!r}")
+        object.__setattr__(
+            self,
+            "points",
+            tuple(as_int(v, f"{where}.points[{k}]", minimum=1, maximum=MAX_ORDER - 1) for k, v in enumerate(points)),
+        )
+        if self.points:
+            if len(self.points) != self.order - 1 or list(self.points) != sorted(set(self.points)):
+                raise ProfileError(
+                    f"{where}.points: {list(self.points)} — give order - 1 = {self.order - 1} increasing offsets back "
+                    f"from this step (1 = the previous evaluation, at most {MAX_ORDER - 1})"
+                )
+            if self.corrector:
+                raise ProfileError(
+                    f"{where}.points: chosen active points need the Taylor update; UniP/UniC (corrector) take the "
+                    "most recent points"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -130,6 +157,8 @@ class SolverStep:
         }
         if self.relaxation != 0.0:  # written only when used: older profiles and memo keys stay as they were
             out["relaxation"] = self.relaxation
+        if self.points:
+            out["points"] = list(self.points)
         return out
 
     @classmethod
@@ -137,10 +166,10 @@ class SolverStep:
         """Build from JSON; missing keys take the defaults, anything malformed raises :class:`ProfileError`."""
         if not isinstance(data, Mapping):
             raise ProfileError(f"{where}: expected an object, got {data!r}")
-        check_keys(data, {"order", "prediction", "corrector", "dc_ratio", "relaxation"}, where)
+        check_keys(data, {"order", "prediction", "corrector", "dc_ratio", "relaxation", "points"}, where)
         step = cls.__new__(cls)
         defaults = cls()
-        for name in ("order", "prediction", "corrector", "dc_ratio", "relaxation"):
+        for name in ("order", "prediction", "corrector", "dc_ratio", "relaxation", "points"):
             object.__setattr__(step, name, data.get(name, getattr(defaults, name)))
         step._check(where)  # validated here, so the message names the field's place in the profile
         return step
@@ -922,7 +951,10 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             self._compensate(i, step.prediction, step.dc_ratio)
 
         order = self._usable_order(i, step.order)
-        prev_sample = self._predictor(i, order, step.prediction, sample, unipc=step.corrector, relax=step.relaxation)
+        points = step.points if order == step.order and self._reachable(i, step.points) else ()
+        prev_sample = self._predictor(
+            i, order, step.prediction, sample, unipc=step.corrector, relax=step.relaxation, points=points
+        )
         self._pending = (step, order) if step.corrector else None
         self._last_sample = sample
         self._step_index = i + 1
@@ -957,6 +989,10 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             p += 1
         return p
 
+    def _reachable(self, i: int, points: tuple[int, ...]) -> bool:
+        """Whether every chosen earlier evaluation is buffered and at a finite λ."""
+        return bool(points) and max(points) < len(self._x0) and all(math.isfinite(self._lambda[i - j]) for j in points)
+
     def _coefficients(self, s: int, t: int, prediction: str) -> tuple[float, float, float, float]:
         """(h, hh, ratio, scale) of the exponential integrator from grid point ``s`` to ``t``.
 
@@ -970,13 +1006,23 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         return h, h, (a_t / a_s if a_s > 0 else math.inf), s_t
 
     def _predictor(
-        self, i: int, order: int, prediction: str, x: torch.Tensor, *, unipc: bool, relax: float = 0.0
+        self,
+        i: int,
+        order: int,
+        prediction: str,
+        x: torch.Tensor,
+        *,
+        unipc: bool,
+        relax: float = 0.0,
+        points: tuple[int, ...] = (),
     ) -> torch.Tensor:
         h, hh, ratio, scale = self._coefficients(i, i + 1, prediction)
         relaxed = 1.0 + relax * h  # USF's "linear" relaxation of the first derivative (1 when relax = 0)
         if not math.isfinite(h) or not math.isfinite(ratio):
             # The closed form of the first-order step, finite where h is not: x_t = α_t·x̂₀ + σ_t·ε̂.
             return float(self._alpha[i + 1]) * self._x0[-1] + float(self._sig[i + 1]) * self._eps[-1]
+        if points and order > 1:
+            return self._taylor(i, order, prediction, x, relaxed, points)
         m = self._buffer(prediction)
         m0 = m[-1]
         phi1 = math.expm1(hh)
@@ -1009,7 +1055,9 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         d2 = (d1_0 - d1_1) / (r0 + r1)
         return ratio * x - scale * (phi1 * m0 + (phi1 / hh - 1.0) * d1 + ((phi1 - hh) / hh**2 - 0.5) * d2)
 
-    def _taylor(self, i: int, order: int, prediction: str, x: torch.Tensor, relaxed: float = 1.0) -> torch.Tensor:
+    def _taylor(
+        self, i: int, order: int, prediction: str, x: torch.Tensor, relaxed: float = 1.0, points: tuple[int, ...] = ()
+    ) -> torch.Tensor:
         """USF's multistep update (thu-nics/USF ``uni_sampler.update``) at ``order``, from grid point ``i``.
 
         With h = λ_t − λ_s and φ₁(z) = (e^z − 1)/z, φ_{k+1}(z) = (φ_k(z) − 1/k!)/z:
@@ -1018,14 +1066,16 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         Taylor expansion, exact when the prediction is a polynomial of degree < p in λ. The λ-derivatives
         F⁽ᵏ⁾ at λ_s come from the p − 1 earlier buffered points j (r_j = λ_j − λ_s): solve
         Σ_k r_j^k / k! · F⁽ᵏ⁾ = F_j − F_s (the reference's ``get_diff_derivative`` with its default
-        active points ``[−p … −2]``).
+        active points ``[−p … −2]``); ``points`` choose other earlier evaluations (offsets back, USF's
+        chosen active points).
         """
         h = float(self._lambda[i + 1] - self._lambda[i])
         m = self._buffer(prediction)
-        r = [float(self._lambda[i - j] - self._lambda[i]) for j in range(1, order)]
+        offsets = points or tuple(range(1, order))
+        r = [float(self._lambda[i - j] - self._lambda[i]) for j in offsets]
         system = np.array([[rj**k / math.factorial(k) for rj in r] for k in range(1, order)])
         weights = np.linalg.solve(system, np.eye(order - 1))  # column k-1: F⁽ᵏ⁾ = Σ_j weights[j, k-1]·ΔF_j
-        deltas = [m[-1 - j] - m[-1] for j in range(1, order)]
+        deltas = [m[-1 - j] - m[-1] for j in offsets]
         hh = -h if prediction == "data" else h
         phi, factorial, terms = math.exp(hh), 1.0, []
         for k in range(order):  # φ_{k+1}(hh), as the reference's recursion

@@ -737,3 +737,84 @@ def test_relaxation_is_written_only_when_used_and_refused_on_unip_3():
         SolverStep(3, corrector=True, relaxation=0.1)
     with pytest.raises(ProfileError, match=r"steps\[0\]\.relaxation"):
         SolverSchedule.from_dict({"kind": "usf", "timesteps": [999, 1], "steps": [{"relaxation": "big"}, {}]})
+
+
+@pytest.mark.parametrize("prediction", ["data", "noise"])
+@pytest.mark.parametrize(("degree", "points"), [(1, (2,)), (1, (3,)), (2, (1, 3)), (2, (2, 3)), (3, (1, 2, 3))])
+def test_chosen_active_points_are_exact_on_a_polynomial_of_lower_degree(prediction, degree, points):
+    """USF's chosen active points: the Taylor update estimates the derivatives from the earlier evaluations at
+    ``points`` (offsets back) instead of the most recent ones; on a prediction that is a polynomial of degree
+    ``len(points)`` in λ it is still exact (hand-derived antiderivatives as above), and one point fewer is not."""
+    usf = USFScheduler(grid="logsnr_uniform", final_sigmas_type="sigma_min")
+    usf.set_timesteps(8)
+    grid = tuple(usf._t)
+    lam, alpha, sig = (np.asarray(v, dtype=float) for v in (usf._lambda, usf._alpha, usf._sig))
+    g = torch.Generator().manual_seed(5)
+    coeffs = [0.3 * torch.randn(SHAPE, generator=g, dtype=torch.float64) / (k + 1) for k in range(degree + 1)]
+
+    def poly(u: float, derivative: int = 0) -> torch.Tensor:
+        out = torch.zeros(SHAPE, dtype=torch.float64)
+        for k in range(derivative, degree + 1):
+            out = out + math.perm(k, derivative) * u ** (k - derivative) * coeffs[k]
+        return out
+
+    def model(x: torch.Tensor, i: int) -> torch.Tensor:
+        if prediction == "noise":
+            return poly(lam[i])
+        return (x - alpha[i] * poly(lam[i])) / sig[i]
+
+    def exact(x: torch.Tensor, s: int, t: int) -> torch.Tensor:
+        sign = -1.0 if prediction == "data" else 1.0
+        terms = [sum((sign**d) * poly(lam[k], d) for d in range(degree + 1)) for k in (s, t)]
+        if prediction == "data":  # ∫e^u P = e^u Σ (−1)^d P⁽ᵈ⁾
+            return (sig[t] / sig[s]) * x + sig[t] * (math.exp(lam[t]) * terms[1] - math.exp(lam[s]) * terms[0])
+        # ∫e^{−u} Q = −e^{−u} Σ Q⁽ᵈ⁾
+        return (alpha[t] / alpha[s]) * x - alpha[t] * (-math.exp(-lam[t]) * terms[1] + math.exp(-lam[s]) * terms[0])
+
+    def step_error(chosen: tuple[int, ...]) -> float:
+        order = len(chosen) + 1
+        steps = [SolverStep(1, prediction), SolverStep(2, prediction), SolverStep(3, prediction)]
+        steps += [SolverStep(order, prediction, points=chosen)] * 4 + [SolverStep(1, prediction)]
+        scheduler = USFScheduler.from_schedule(SolverSchedule(grid, tuple(steps)), usf.config)
+        scheduler.set_timesteps()
+        x = noise()
+        worst = 0.0
+        for i, t in enumerate(scheduler.timesteps[:-1]):
+            out = scheduler.step(model(x, i), t, x).prev_sample
+            if i >= 3:  # three earlier evaluations exist: every chosen point is buffered
+                truth = exact(x, i, i + 1)
+                worst = max(worst, float((out - truth).abs().max() / truth.abs().max()))
+            x = out
+        return worst
+
+    assert step_error(points) < 1e-10
+    assert step_error(points[1:] if len(points) > 1 else ()) > 1e-6  # one point fewer: not exact
+
+
+def test_chosen_active_points_are_checked_and_written_only_when_set():
+    assert "points" not in SolverStep(3).to_dict()
+    step = SolverStep.from_dict({"order": 3, "points": [1, 3]})
+    assert step.points == (1, 3) and step.to_dict()["points"] == [1, 3]
+    for bad, match in (
+        ({"order": 3, "points": [1]}, "order - 1 = 2"),
+        ({"order": 3, "points": [3, 1]}, "increasing"),
+        ({"order": 2, "points": [4]}, "points\\[0\\]"),
+        ({"order": 3, "points": [1, 3], "corrector": True}, "Taylor update"),
+        ({"order": 2, "points": "1"}, "list of offsets"),
+    ):
+        with pytest.raises(ProfileError, match=match):
+            SolverStep.from_dict(bad)
+    # the default points at order 4 are (1, 2, 3): the same update bit for bit
+    usf = USFScheduler(grid="logsnr_uniform", final_sigmas_type="sigma_min")
+    usf.set_timesteps(7)
+    grid = tuple(usf._t)
+    runs = []
+    for points in ((), (1, 2, 3)):
+        steps = [SolverStep(1), SolverStep(2), SolverStep(3)] + [SolverStep(4, points=points)] * 3 + [SolverStep(1)]
+        scheduler = USFScheduler.from_schedule(SolverSchedule(grid, tuple(steps)), usf.config)
+        scheduler.set_timesteps()
+        x = noise()
+        for t in scheduler.timesteps:
+            x = scheduler.step(0.3 * x, t, x).prev_sample
+        runs.append(x)
+    assert torch.equal(runs[0], runs[1])

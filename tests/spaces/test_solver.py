@@ -53,7 +53,7 @@ def _cosine_context(context: SpaceContext) -> SpaceContext:
 
 def test_variable_count(context):
     names = [v.name for v in get_space("solver").variables(context)]
-    assert len(names) == 12 + 12
+    assert len(names) == 13 + 12
     assert names[-1] == "step_11"
 
 
@@ -176,7 +176,7 @@ def test_flow_matching_model_has_no_integer_spacings(context):
     ctx = context.replace(scheduler_config=config)
     space = get_space("solver")
     variables = {v.name: v for v in space.variables(ctx)}
-    assert "t_start" not in variables and len(variables) == 11 + 12
+    assert "t_start" not in variables and len(variables) == 12 + 12
     assert set(variables["grid"].choices) == {"flow_sigmas", "time_uniform", "logsnr_uniform", "karras"}
     rng = np.random.default_rng(0)
     for _ in range(30):
@@ -268,3 +268,24 @@ def test_the_analytical_first_step_adds_a_grid_step_without_an_evaluation(embedd
     assert "analytic_first" not in {v.name for v in joint.variables(context)}
     with pytest.raises(SpaceError, match="analytical first step is searched in the solver space"):
         joint.encode({"solver": schedule}, context)
+
+
+def test_active_points_go_to_order_2_and_3_steps_without_the_corrector_and_encode_back(context):
+    space = get_space("solver")
+    params = {"nfe": 7, "order": 3, "points": "skip", "step_5": "2c"}
+    schedule = space.decode(params, context)["solver"]
+    # orders 1, 2, 3, 3, 3, 2c, 1: offsets need that many earlier evaluations; no points with the corrector
+    assert [s.points for s in schedule.steps] == [(), (), (), (1, 3), (1, 3), (), ()]
+    assert space.decode(space.encode({"solver": schedule}, context), context)["solver"] == schedule
+    far = space.decode({**params, "points": "far"}, context)["solver"]
+    assert [s.points for s in far.steps][3:5] == [(2, 3), (2, 3)] and far != schedule
+    assert space.encode({"solver": far}, context)["points"] == "far"
+    # points no choice gives are not in the space
+    import dataclasses
+
+    odd = dataclasses.replace(
+        schedule,
+        steps=(*schedule.steps[:3], dataclasses.replace(schedule.steps[3], points=(2, 3)), *schedule.steps[4:]),
+    )
+    with pytest.raises(SpaceError, match="not a point of the space"):
+        space.encode({"solver": odd}, context)
