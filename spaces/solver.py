@@ -55,13 +55,14 @@ each at the spacing measured best for the model (:func:`~difftune.spaces.best_sp
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from difftune.accel.solver import MAX_ORDER, SolverSchedule, SolverStep, USFScheduler, relaxable
+from difftune.accel.solver import CORRECTOR_KINDS, MAX_ORDER, SolverSchedule, SolverStep, USFScheduler, relaxable
 from difftune.errors import ProfileError, SpaceError
 
 from ._base import NamedPoint, Space, SpaceContext, Variable, register_space
@@ -305,6 +306,13 @@ class SolverSpace(Space):
             ),
             Variable("corrector", "bool", default=False, help="UniC corrector on every step with a next evaluation"),
             Variable(
+                "corrector_kind",
+                "categorical",
+                choices=CORRECTOR_KINDS,
+                default="unic",
+                help="the corrector steps' kind: UniPC's UniC (bh2) or USF's pseudo corrector (Taylor, one order up)",
+            ),
+            Variable(
                 "points",
                 "categorical",
                 choices=tuple(ACTIVE_POINTS),
@@ -406,11 +414,17 @@ class SolverSpace(Space):
             else:
                 order, corrector = _parse_step(choice)
             prediction = params["prediction"] if i < params["prediction_switch"] else other
-            relaxation = float(params["relaxation"]) if relaxable(order, corrector) else 0.0
-            points = _points(params.get("points", "recent"), order, corrector, i)
+            kind = params.get("corrector_kind", "unic") if corrector else "unic"
+            relaxation = float(params["relaxation"]) if relaxable(order, corrector, kind) else 0.0
+            points = _points(params.get("points", "recent"), order, corrector and kind == "unic", i)
             steps.append(
                 SolverStep(
-                    order=order, prediction=prediction, corrector=corrector, relaxation=relaxation, points=points
+                    order=order,
+                    prediction=prediction,
+                    corrector=corrector,
+                    relaxation=relaxation,
+                    points=points,
+                    corrector_kind=kind,
                 )
             )
         afs = bool(params.get("analytic_first", False))
@@ -458,8 +472,9 @@ class SolverSpace(Space):
         params.update(self._encode_steps(schedule.steps[int(afs) :], timeline, hi))
         target = self._normalised(schedule, timeline)
         same = False
-        for choice in ACTIVE_POINTS:  # the one choice of active points that gives the schedule's, if any
-            params["points"] = choice
+        # the one choice of active points and corrector kind that gives the schedule's steps, if any
+        for choice, kind in itertools.product(ACTIVE_POINTS, CORRECTOR_KINDS):
+            params["points"], params["corrector_kind"] = choice, kind
             decoded = self._decode(self.repair(params, context).params, context)["solver"]
             same = decoded.steps == target.steps and np.allclose(
                 decoded.timesteps, target.timesteps, rtol=0, atol=_ATOL
@@ -482,7 +497,9 @@ class SolverSpace(Space):
             if i == n - 1 and timeline.final_zero:
                 order = 1
             points = s.points if order == s.order and (not s.points or max(s.points) <= i) else ()
-            steps.append(SolverStep(order, s.prediction, s.corrector, s.dc_ratio, s.relaxation, points))
+            steps.append(
+                SolverStep(order, s.prediction, s.corrector, s.dc_ratio, s.relaxation, points, s.corrector_kind)
+            )
         if afs:
             steps.insert(
                 0, dataclasses.replace(_analytic_step(evaluated[0].prediction), dc_ratio=schedule.steps[0].dc_ratio)
@@ -569,8 +586,9 @@ class SolverSpace(Space):
                 order = 1
             wanted.append((order, s.corrector))
         # the relaxation of every step that has one at the order it runs (UniP-3/4 steps have none)
-        relaxed = {s.relaxation for s, w in zip(steps, wanted, strict=True) if relaxable(*w)} or {0.0}
-        if len(relaxed) > 1 or any(s.relaxation for s, w in zip(steps, wanted, strict=True) if not relaxable(*w)):
+        free = [relaxable(*w, s.corrector_kind) for s, w in zip(steps, wanted, strict=True)]
+        relaxed = {s.relaxation for s, ok in zip(steps, free, strict=True) if ok} or {0.0}
+        if len(relaxed) > 1 or any(s.relaxation for s, ok in zip(steps, free, strict=True) if not ok):
             raise SpaceError(f"space 'solver': one relaxation on every step but UniP-3/4 ones, got {sorted(relaxed)}")
         best: tuple[int, int, bool, list[str]] | None = None
         for order in (2, 1, 3, 4):

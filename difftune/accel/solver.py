@@ -40,11 +40,21 @@ from difftune.accel._hooks import CompositeHandle, Handle, wrap_forward
 from difftune.accel._registry import register_technique
 from difftune.errors import ProfileError
 
-__all__ = ["PREDICTIONS", "SolverSchedule", "SolverStep", "USFScheduler", "dynamic_compensation", "relaxable"]
+__all__ = [
+    "CORRECTOR_KINDS",
+    "PREDICTIONS",
+    "SolverSchedule",
+    "SolverStep",
+    "USFScheduler",
+    "dynamic_compensation",
+    "relaxable",
+]
 
 #: What the exponential integrator integrates: the data prediction x̂₀ (DPM-Solver++) or the noise ε̂ (DPM-Solver).
 PREDICTIONS = ("data", "noise")
 MAX_ORDER = 4
+#: How a corrector step re-integrates: UniPC's UniC (bh2) or USF's pseudo corrector (a Taylor update).
+CORRECTOR_KINDS = ("unic", "usf")
 
 _GRIDS = ("time_uniform", "logsnr_uniform", "karras", "linspace", "leading", "trailing")
 _SPACINGS = ("linspace", "leading", "trailing")
@@ -66,10 +76,10 @@ _SIGMA_FIRST_OPTIONS = (
 # --------------------------------------------------------------------------------------------
 
 
-def relaxable(order: int, corrector: bool) -> bool:
+def relaxable(order: int, corrector: bool, corrector_kind: str = "unic") -> bool:
     """Whether a step's update has a separate first derivative for USF's relaxation: every one but
-    UniP-3/4 (order ≥ 3 with the corrector)."""
-    return not (corrector and order >= 3)
+    UniP-3/4 (order ≥ 3 with UniPC's corrector; USF's corrector pairs with the Taylor predictor)."""
+    return not (corrector and corrector_kind == "unic" and order >= 3)
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,11 @@ class SolverStep:
             (e.g. ``(2,)`` at order 2) widens the difference the derivative is taken over. Not with the
             corrector (UniP/UniC take consecutive points). Where the farthest point does not exist yet
             (warm-up) the step runs on the most recent points at the order available.
+        corrector_kind: how the corrector re-integrates once the next evaluation exists: ``"unic"``
+            (default; UniPC's UniC in its bh2 variant, as diffusers ships it) or ``"usf"`` (USF's pseudo
+            corrector: the Taylor update from this step's start re-run one order higher, its derivatives
+            estimated over the same points with the new evaluation among them; the model output kept for
+            later steps is still the one at the uncorrected sample). Only with ``corrector=True``.
     """
 
     order: int = 2
@@ -111,6 +126,7 @@ class SolverStep:
     dc_ratio: float = 1.0
     relaxation: float = 0.0
     points: tuple[int, ...] = ()
+    corrector_kind: str = "unic"
 
     def __post_init__(self) -> None:
         self._check("step")
@@ -123,7 +139,7 @@ class SolverStep:
         # Frozen: normalise an int ratio (JSON ``1``) to float so equal steps compare and hash equal.
         object.__setattr__(self, "dc_ratio", as_float(self.dc_ratio, f"{where}.dc_ratio"))
         object.__setattr__(self, "relaxation", as_float(self.relaxation, f"{where}.relaxation"))
-        if self.relaxation != 0.0 and not relaxable(self.order, self.corrector):
+        if self.relaxation != 0.0 and not relaxable(self.order, self.corrector, self.corrector_kind):
             raise ProfileError(
                 f"{where}.relaxation: UniP-{self.order} (order >= 3 with the corrector) has no separate first "
                 "derivative to relax; use 0, or order <= 2, or no corrector"
@@ -142,11 +158,14 @@ class SolverStep:
                     f"{where}.points: {list(self.points)} — give order - 1 = {self.order - 1} increasing offsets back "
                     f"from this step (1 = the previous evaluation, at most {MAX_ORDER - 1})"
                 )
-            if self.corrector:
-                raise ProfileError(
-                    f"{where}.points: chosen active points need the Taylor update; UniP/UniC (corrector) take the "
-                    "most recent points"
-                )
+        as_str(self.corrector_kind, f"{where}.corrector_kind", CORRECTOR_KINDS)
+        if self.points and self.corrector and self.corrector_kind == "unic":
+            raise ProfileError(
+                f"{where}.points: chosen active points need the Taylor update; UniPC's predictor-corrector takes the "
+                "most recent points (use corrector_kind 'usf', or no corrector)"
+            )
+        if self.corrector_kind != "unic" and not self.corrector:
+            raise ProfileError(f"{where}.corrector_kind: {self.corrector_kind!r} without the corrector; set corrector")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -159,6 +178,8 @@ class SolverStep:
             out["relaxation"] = self.relaxation
         if self.points:
             out["points"] = list(self.points)
+        if self.corrector_kind != "unic":
+            out["corrector_kind"] = self.corrector_kind
         return out
 
     @classmethod
@@ -166,10 +187,11 @@ class SolverStep:
         """Build from JSON; missing keys take the defaults, anything malformed raises :class:`ProfileError`."""
         if not isinstance(data, Mapping):
             raise ProfileError(f"{where}: expected an object, got {data!r}")
-        check_keys(data, {"order", "prediction", "corrector", "dc_ratio", "relaxation", "points"}, where)
+        names = ("order", "prediction", "corrector", "dc_ratio", "relaxation", "points", "corrector_kind")
+        check_keys(data, set(names), where)
         step = cls.__new__(cls)
         defaults = cls()
-        for name in ("order", "prediction", "corrector", "dc_ratio", "relaxation", "points"):
+        for name in names:
             object.__setattr__(step, name, data.get(name, getattr(defaults, name)))
         step._check(where)  # validated here, so the message names the field's place in the profile
         return step
@@ -940,7 +962,8 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             # (UniPC's order; the model output itself stays the one computed at the uncorrected sample).
             prev, prev_order = self._pending
             model_t = x0 if prev.prediction == "data" else eps
-            sample = self._corrector(i - 1, prev_order, prev.prediction, model_t, sample)
+            correct = self._usf_corrector if prev.corrector_kind == "usf" else self._corrector
+            sample = correct(i - 1, prev_order, prev.prediction, model_t, sample)
 
         self._x0.append(x0)
         self._eps.append(eps)
@@ -952,8 +975,11 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
 
         order = self._usable_order(i, step.order)
         points = step.points if order == step.order and self._reachable(i, step.points) else ()
+        if not points and step.corrector_kind == "usf" and order > 1:
+            points = tuple(range(1, order))  # a USF step predicts with its Taylor update too
+        unipc = step.corrector and step.corrector_kind == "unic"  # UniPC pairs UniP with UniC; USF's is Taylor
         prev_sample = self._predictor(
-            i, order, step.prediction, sample, unipc=step.corrector, relax=step.relaxation, points=points
+            i, order, step.prediction, sample, unipc=unipc, relax=step.relaxation, points=points
         )
         self._pending = (step, order) if step.corrector else None
         self._last_sample = sample
@@ -1069,20 +1095,35 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         active points ``[−p … −2]``); ``points`` choose other earlier evaluations (offsets back, USF's
         chosen active points).
         """
-        h = float(self._lambda[i + 1] - self._lambda[i])
         m = self._buffer(prediction)
         offsets = points or tuple(range(1, order))
         r = [float(self._lambda[i - j] - self._lambda[i]) for j in offsets]
+        deltas = [m[-1 - j] - m[-1] for j in offsets]
+        return self._taylor_step(i, order, prediction, x, m[-1], r, deltas, relaxed)
+
+    def _taylor_step(
+        self,
+        i: int,
+        order: int,
+        prediction: str,
+        x: torch.Tensor,
+        start: torch.Tensor,
+        r: list[float],
+        deltas: list[torch.Tensor],
+        relaxed: float = 1.0,
+    ) -> torch.Tensor:
+        """The Taylor update from grid point ``i`` to ``i + 1`` with the prediction ``start`` at ``i`` and the
+        points at λ_i + r_j differing from it by ``deltas`` (``order − 1`` of them)."""
+        h = float(self._lambda[i + 1] - self._lambda[i])
         system = np.array([[rj**k / math.factorial(k) for rj in r] for k in range(1, order)])
         weights = np.linalg.solve(system, np.eye(order - 1))  # column k-1: F⁽ᵏ⁾ = Σ_j weights[j, k-1]·ΔF_j
-        deltas = [m[-1 - j] - m[-1] for j in offsets]
         hh = -h if prediction == "data" else h
         phi, factorial, terms = math.exp(hh), 1.0, []
         for k in range(order):  # φ_{k+1}(hh), as the reference's recursion
             factorial *= max(k, 1)
             phi = (phi - 1.0 / factorial) / hh
             terms.append(h ** (k + 1) * phi)
-        total = terms[0] * m[-1]
+        total = terms[0] * start
         for k in range(1, order):
             derivative = sum(float(weights[j, k - 1]) * deltas[j] for j in range(order - 1))
             total = total + (terms[k] * (relaxed if k == 1 else 1.0)) * derivative
@@ -1110,6 +1151,24 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         for k in range(1, order):
             res = res + rhos[k - 1] * (m[-1 - k] - m0) / rks[k - 1]
         return ratio * x - (scale * phi1) * m0 - (scale * phi1) * res
+
+    def _usf_corrector(
+        self, j: int, order: int, prediction: str, model_t: torch.Tensor, predicted: torch.Tensor
+    ) -> torch.Tensor:
+        """USF's pseudo corrector for the step ``j`` → ``j + 1`` run at ``order``: the Taylor update from the
+        step's starting sample at ``order + 1``, its derivatives at λ_j estimated from the new evaluation
+        (at λ_{j+1}) and the ``order − 1`` earlier ones (thu-nics/USF ``get_diff_derivative(corrector=True)``
+        with its default active points)."""
+        x = self._last_sample
+        assert x is not None
+        _, _, ratio, _ = self._coefficients(j, j + 1, prediction)
+        if not math.isfinite(ratio) or not math.isfinite(self._lambda[j + 1]):
+            return predicted  # no finite update (leaving α = 0 with noise prediction): as UniC, keep the prediction
+        m = self._buffer(prediction)  # not yet holding evaluation j + 1: m[-1] is at j
+        r = [float(self._lambda[j + 1] - self._lambda[j])]
+        r += [float(self._lambda[j - k] - self._lambda[j]) for k in range(1, order)]
+        deltas = [model_t - m[-1], *(m[-1 - k] - m[-1] for k in range(1, order))]
+        return self._taylor_step(j, order + 1, prediction, x, m[-1], r, deltas)
 
     def _compensate(self, i: int, prediction: str, ratio: float | torch.Tensor) -> None:
         """DC-Solver: replace the newest buffered output by its compensated value, for every later use.

@@ -818,3 +818,65 @@ def test_chosen_active_points_are_checked_and_written_only_when_set():
             x = scheduler.step(0.3 * x, t, x).prev_sample
         runs.append(x)
     assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("prediction", ["data", "noise"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_usf_pseudo_corrector_is_the_taylor_update_one_order_higher(prediction, order):
+    """USF's pseudo corrector (thu-nics/USF ``update(corrector=True)``): once the next evaluation exists, the step
+    is re-run from its start with the Taylor update of order p + 1, the new evaluation among its points. On a
+    prediction that is a polynomial of degree p in λ the corrected sample is exact (hand-derived antiderivatives);
+    on degree p + 1 it is not; and it is not UniC."""
+    usf = USFScheduler(grid="logsnr_uniform", final_sigmas_type="sigma_min")
+    usf.set_timesteps(8)
+    grid = tuple(usf._t)
+    lam, alpha, sig = (np.asarray(v, dtype=float) for v in (usf._lambda, usf._alpha, usf._sig))
+
+    def corrected_error(degree: int, kind: str) -> float:
+        g = torch.Generator().manual_seed(7)
+        coeffs = [0.3 * torch.randn(SHAPE, generator=g, dtype=torch.float64) / (k + 1) for k in range(degree + 1)]
+
+        def poly(u: float, derivative: int = 0) -> torch.Tensor:
+            out = torch.zeros(SHAPE, dtype=torch.float64)
+            for k in range(derivative, degree + 1):
+                out = out + math.perm(k, derivative) * u ** (k - derivative) * coeffs[k]
+            return out
+
+        def model(x: torch.Tensor, i: int) -> torch.Tensor:
+            return poly(lam[i]) if prediction == "noise" else (x - alpha[i] * poly(lam[i])) / sig[i]
+
+        def exact(x: torch.Tensor, s: int, t: int) -> torch.Tensor:
+            sign = -1.0 if prediction == "data" else 1.0
+            terms = [sum((sign**d) * poly(lam[k], d) for d in range(degree + 1)) for k in (s, t)]
+            if prediction == "data":
+                return (sig[t] / sig[s]) * x + sig[t] * (math.exp(lam[t]) * terms[1] - math.exp(lam[s]) * terms[0])
+            return (alpha[t] / alpha[s]) * x - alpha[t] * (-math.exp(-lam[t]) * terms[1] + math.exp(-lam[s]) * terms[0])
+
+        steps = [SolverStep(min(k + 1, order), prediction, True, corrector_kind=kind) for k in range(7)]
+        scheduler = USFScheduler.from_schedule(SolverSchedule(grid, (*steps, SolverStep(1, prediction))), usf.config)
+        scheduler.set_timesteps()
+        x = noise()
+        worst, start = 0.0, None
+        for i, t in enumerate(scheduler.timesteps[:-1]):
+            predicted = scheduler.step(model(x, i), t, x).prev_sample
+            corrected = scheduler._last_sample  # x_i after correcting step i - 1 with the evaluation at x_i
+            if start is not None and i >= order:  # step i - 1 ran at the full order
+                truth = exact(start, i - 1, i)
+                worst = max(worst, float((corrected - truth).abs().max() / truth.abs().max()))
+            start, x = corrected, predicted
+        return worst
+
+    assert corrected_error(order, "usf") < 1e-10
+    assert corrected_error(order + 1, "usf") > 1e-7  # the test can fail: one degree more is not exact
+    assert abs(corrected_error(order + 1, "unic") - corrected_error(order + 1, "usf")) > 1e-9  # not UniC
+
+
+def test_usf_corrector_kind_is_checked_and_written_only_when_set():
+    assert "corrector_kind" not in SolverStep(2, corrector=True).to_dict()
+    step = SolverStep.from_dict({"order": 3, "corrector": True, "corrector_kind": "usf", "points": [1, 3]})
+    assert step.to_dict()["corrector_kind"] == "usf" and step.points == (1, 3)
+    assert SolverStep(3, corrector=True, corrector_kind="usf", relaxation=0.2).relaxation == 0.2  # Taylor: relaxable
+    with pytest.raises(ProfileError, match="without the corrector"):
+        SolverStep(2, corrector_kind="usf")
+    with pytest.raises(ProfileError, match="corrector_kind"):
+        SolverStep.from_dict({"order": 2, "corrector": True, "corrector_kind": "bh1"})

@@ -87,7 +87,7 @@ def test_variables_are_the_solvers_then_each_parts_behind_its_switch(space, cont
         *quant,
     ]
     assert len(sada) == 11 and len(quant) == 2 * 7 + 4
-    assert len(names) == len(set(names)) == 12 + NFE_MAX + 2 + 1 + 2 * (2 + 2) + 1 + 1 + 11 + 1 + 18
+    assert len(names) == len(set(names)) == 13 + NFE_MAX + 2 + 1 + 2 * (2 + 2) + 1 + 1 + 11 + 1 + 18
     assert JointSpace(parts=("solver", "cache")).default_params(context).keys() == set(names[: names.index("use_sada")])
     by_name = {v.name: v for v in space.variables(context)}
     assert by_name["use_cache"].kind == "bool" and by_name["use_cache"].default is False

@@ -53,7 +53,7 @@ def _cosine_context(context: SpaceContext) -> SpaceContext:
 
 def test_variable_count(context):
     names = [v.name for v in get_space("solver").variables(context)]
-    assert len(names) == 13 + 12
+    assert len(names) == 14 + 12
     assert names[-1] == "step_11"
 
 
@@ -176,7 +176,7 @@ def test_flow_matching_model_has_no_integer_spacings(context):
     ctx = context.replace(scheduler_config=config)
     space = get_space("solver")
     variables = {v.name: v for v in space.variables(ctx)}
-    assert "t_start" not in variables and len(variables) == 12 + 12
+    assert "t_start" not in variables and len(variables) == 13 + 12
     assert set(variables["grid"].choices) == {"flow_sigmas", "time_uniform", "logsnr_uniform", "karras"}
     rng = np.random.default_rng(0)
     for _ in range(30):
@@ -289,3 +289,17 @@ def test_active_points_go_to_order_2_and_3_steps_without_the_corrector_and_encod
     )
     with pytest.raises(SpaceError, match="not a point of the space"):
         space.encode({"solver": odd}, context)
+
+
+def test_usf_corrector_kind_goes_to_every_corrector_step_and_encodes_back(context):
+    space = get_space("solver")
+    params = {"nfe": 6, "order": 3, "corrector": True, "corrector_kind": "usf", "relaxation": 0.2, "points": "skip"}
+    schedule = space.decode(params, context)["solver"]
+    kinds = [s.corrector_kind for s in schedule.steps]
+    assert kinds == ["usf"] * 5 + ["unic"]  # the last step has no corrector
+    # a USF step predicts with the Taylor update: relaxation and chosen points reach its order-3 steps
+    assert [s.relaxation for s in schedule.steps] == [0.2] * 6
+    assert [s.points for s in schedule.steps][3:5] == [(1, 3), (1, 3)]
+    assert space.decode(space.encode({"solver": schedule}, context), context)["solver"] == schedule
+    unic = space.decode({**params, "corrector_kind": "unic"}, context)["solver"]
+    assert [s.relaxation for s in unic.steps][2:5] == [0.0, 0.0, 0.0]  # UniP-3 steps: none
