@@ -1013,7 +1013,7 @@ def _plot(
             def xy(rows: Sequence[Any], xs: Any = x, ys: Any = y) -> tuple[list[float], list[float]]:
                 values = [r.values() for r in rows]
                 values = [v for v in values if xs.name in v and ys.name in v]
-                return [v[xs.name] for v in values], [v[ys.name] for v in values]
+                return [_shown(xs.name, v[xs.name]) for v in values], [_shown(ys.name, v[ys.name]) for v in values]
 
             ax.scatter(*xy(trials), s=12, c="#bbbbbb", label="tonight's trials")
             if last is not None:
@@ -1023,8 +1023,8 @@ def _plot(
             ax.scatter(*xy(new), s=30, c="#1f77b4", label="tonight's front")
             if warm:
                 ax.scatter(*xy(warm), s=34, c="#8c564b", marker="^", label="tonight's front (warm)")
-            ax.set_xlabel(f"{x.name} ({x.direction})")
-            ax.set_ylabel(f"{y.name} ({y.direction})")
+            ax.set_xlabel(_axis_label(x))
+            ax.set_ylabel(_axis_label(y))
             ax.set_title(f"{job.name} · {space} · {record.name}", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
@@ -1036,6 +1036,19 @@ def _plot(
         return path.name
     finally:
         store.close()
+
+
+#: PSNR above this is drawn at it: the identity's 100 dB (identical images) would squash every other point.
+PSNR_SHOWN = 60.0
+
+
+def _shown(name: str, value: float) -> float:
+    return min(value, PSNR_SHOWN) if name == "psnr" else value
+
+
+def _axis_label(spec: Any) -> str:
+    cap = f"; ≥ {PSNR_SHOWN:g} dB drawn at {PSNR_SHOWN:g}" if spec.name == "psnr" else ""
+    return f"{spec.name} ({spec.direction}{cap})"
 
 
 def _fmt(name: str, value: Any) -> str:

@@ -266,3 +266,12 @@ def test_a_time_limit_stops_starting_trials(tmp_path, embedded_pipe):
         pipeline=embedded_pipe,
     )
     assert again.new_trials == 2 and again.study.status == "finished"
+
+
+def test_the_front_plot_draws_identical_images_at_the_psnr_cap():
+    from difftune.search.nightly import PSNR_SHOWN, _axis_label, _shown
+    from difftune.store import MetricSpec
+
+    assert _shown("psnr", 100.0) == PSNR_SHOWN and _shown("psnr", 31.5) == 31.5 and _shown("speedup", 100.0) == 100.0
+    assert f"drawn at {PSNR_SHOWN:g}" in _axis_label(MetricSpec("psnr", "maximize", "dB"))
+    assert _axis_label(MetricSpec("speedup", "maximize", "×")) == "speedup (maximize)"
