@@ -460,6 +460,15 @@ def calibrate(
         int | None,
         typer.Option(min=2, help="One screened candidate in this many goes on to the full evaluation (default 3)."),
     ] = None,
+    ems: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="solver space: compute DPM-Solver-v3's empirical model statistics from this many trajectories "
+            "(64 is a good start; cached per model and call) and search the 'v3' prediction too; 0 = off. Kept "
+            "when the study resumes.",
+        ),
+    ] = 0,
     steps: Annotated[int, typer.Option(min=2, help="num_inference_steps of the reference setting.")] = 20,
     samples: Annotated[int, typer.Option(min=2, help="Calibration samples per trial (prompts × seeds).")] = 20,
     batch_size: Annotated[
@@ -600,6 +609,7 @@ def calibrate(
             memo=memo,
             screen=screen,
             screen_eta=screen_eta,
+            ems=ems,
             pipeline_class=pipeline_class,
             config=config,
             objectives=[objectives] if objectives else None,

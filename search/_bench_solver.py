@@ -3,6 +3,7 @@
 On the embedded model, for each NFE in ``nfes`` (4, 5, 8):
 
 - one ``solver`` study per searcher (``tpe``, ``evo``, ``s3``) at that NFE alone (``nfe_range=(n, n)``),
+  with DPM-Solver-v3's prediction in the space (statistics from ``ems`` trajectories, 64; 0 leaves it out),
   ``budget`` finished trials, against the study's usual reference setting (the plain pipeline at
   ``study_steps``, 20: every trial times the reference beside itself, so a 200-step reference
   would cost ten times the search). Each study evaluates the baselines first (DPM-Solver++(2M),
@@ -83,6 +84,7 @@ def bench_solver(
     held_out: int = 40,
     progress: Any = None,
     storage_dir: str | None = None,
+    ems: int = 64,
 ) -> list[Figure]:
     """See the module docstring."""
     import difftune
@@ -120,6 +122,7 @@ def bench_solver(
                     seed=seed,
                     progress=progress,
                     memo=False,
+                    ems=ems,
                 )
                 seconds[name] = time.perf_counter() - started
                 with get_store(url) as store:

@@ -91,6 +91,7 @@ class SpaceJob:
     objectives: tuple[str, ...] | None = None
     constraints: tuple[str, ...] = ()
     nfe_range: tuple[int, int] | None = None
+    ems: int = 0
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ def _positive(value: Any, where: str, kind: Any = int) -> Any:
     return value
 
 
-_SPACE_KEYS = {"space", "budget", "searcher", "objectives", "constraints", "nfe_range"}
+_SPACE_KEYS = {"space", "budget", "searcher", "objectives", "constraints", "nfe_range", "ems"}
 _PROFILE_KEYS = {"name", "space", "select", "format"}
 _MODEL_KEYS = {
     "name",
@@ -229,6 +230,12 @@ def _space_job(table: Any, where: str) -> SpaceJob:
         except DifftuneError as exc:
             raise ConfigError(f"{where}.constraints: {exc}") from None
     objectives = table.get("objectives")
+    ems = table.get("ems", 0)
+    if type(ems) is not int or ems < 0 or ems == 1 or (ems and not getattr(get_space(name), "uses_ems", False)):
+        raise ConfigError(
+            f"{where}.ems: expected 0 (off) or the number (>= 2) of trajectories for DPM-Solver-v3's statistics, on "
+            f"the solver space; got {ems!r} for space {name!r}"
+        )
     return SpaceJob(
         space=name,
         budget=_positive(table["budget"], f"{where}.budget"),
@@ -236,6 +243,7 @@ def _space_job(table: Any, where: str) -> SpaceJob:
         objectives=None if objectives is None else _strings(objectives, f"{where}.objectives"),
         constraints=constraints,
         nfe_range=None if nfe is None else (nfe[0], nfe[1]),
+        ems=ems,
     )
 
 
@@ -783,6 +791,7 @@ def _search(
         pipeline=pipe,
         **job.call_options(),
         nfe_range=space_job.nfe_range or DEFAULT_NFE_RANGE,
+        ems=space_job.ems,
         warm_start=warm,
         time_limit_s=limit,
         memo=False,  # tonight's figures, not last night's copied: drift is what a night watches for

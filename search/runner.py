@@ -508,6 +508,19 @@ def _job(
         spacing_samples=chosen[:4],
         call_kwargs={k: v for k, v in call.items() if k != "guidance_scale"},
     )
+    if settings.ems and getattr(space_obj, "uses_ems", False):
+        from difftune.search.ems import compute_ems, ems_samples
+
+        # DPM-Solver-v3's statistics of this model under the study's call (cached per model on disk).
+        context = context.replace(
+            ems=compute_ems(
+                pipe,
+                ems_samples(chosen, settings.ems),
+                guidance_scale=settings.guidance_scale,
+                call_kwargs={k: v for k, v in call.items() if k != "guidance_scale"},
+                batch_size=settings.images_per_call(),
+            )
+        )
     variables = space_obj.variables(context)
     search = make_searcher(
         searcher_name,
@@ -1041,6 +1054,7 @@ def run_study(
     memo: bool = True,
     screen: int | None = None,
     screen_eta: int | None = None,
+    ems: int = 0,
     on_start: Callable[[Any], None] | None = None,
     stack_from: Sequence[str] = (),
     warm_start: Sequence[WarmPoint] = (),
@@ -1098,6 +1112,9 @@ def run_study(
             space's ``default_screen`` (4 for ``ecad``, 0 for the others). Chosen when the study is
             created, kept on resume.
         screen_eta: the reduction factor of that screening (default 3).
+        ems: ``solver`` space only: compute DPM-Solver-v3's empirical model statistics from this many
+            trajectories (:func:`difftune.search.ems.compute_ems`; cached per model and call) and offer
+            the ``v3`` prediction; 0 (default): off. Chosen when the study is created, kept on resume.
         on_start: called with the resolved :class:`~difftune.search.settings.StudySettings` once the
             inputs are checked, before any trial runs (the CLI prints the device).
         stack_from: ``joint`` space only: names of ``solver`` / ``cache`` / ``sada`` / ``quant`` studies of
@@ -1170,7 +1187,10 @@ def run_study(
         population=population,
         screen=_screen_samples(space_obj, screen, samples),
         screen_eta=3 if screen_eta is None else screen_eta,
+        ems=ems,
     )
+    if settings.ems and not getattr(space_obj, "uses_ems", False):
+        raise SpaceError(f"ems: DPM-Solver-v3's statistics are for the solver space, not {space!r}; drop --ems")
     pipe, info = _prepare_pipeline(settings, pipeline)
     chosen_objectives: Sequence[Any] = (
         requested

@@ -187,6 +187,9 @@ class StudySettings:
             are measured in full; 0 (default): every candidate is measured in full.
         screen_eta: successive halving's reduction factor: one screened candidate in ``screen_eta``
             goes on to the full evaluation.
+        ems: trajectories DPM-Solver-v3's empirical model statistics are computed from (on the study's
+            call and conditions, seeds of their own; cached per model); 0 (default): the solver space
+            does not offer the ``v3`` prediction.
     """
 
     model: str = "embedded"
@@ -211,6 +214,7 @@ class StudySettings:
     population: int | None = None
     screen: int = 0
     screen_eta: int = 3
+    ems: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -221,6 +225,11 @@ class StudySettings:
             _positive_int("--population", self.population, 2)
         _positive_int("--screen", self.screen, 0)
         _positive_int("--screen-eta", self.screen_eta, 2)
+        _positive_int("--ems", self.ems, 0)
+        if self.ems == 1:
+            raise DifftuneError(
+                "--ems 1: the statistics are regressions over trajectories; use 0 (off) or >= 2 (64 is good)"
+            )
         if self.screen >= self.samples:
             raise DifftuneError(
                 f"--screen {self.screen}: screening must use fewer samples than the full evaluation "
@@ -308,6 +317,7 @@ class StudySettings:
         "batch_size",
         "constraints",
         "nfe_range",
+        "ems",
     )
 
     def differences(self, other: StudySettings) -> dict[str, tuple[Any, Any]]:

@@ -268,6 +268,9 @@ class SpaceContext:
         call_kwargs: the call's other kwargs (``negative_prompt``, pipeline-specific arguments such as
             ``max_sequence_length``) for lazy measurements, so they run the call the study tunes.
         pipeline: the pipeline itself, for lazy measurements only (not compared, not printed).
+        ems: DPM-Solver-v3's empirical model statistics (:class:`difftune.accel._ems.EMS`) of the model
+            under this call, computed by the study (:func:`difftune.search.ems.compute_ems`); the solver
+            space offers the ``v3`` prediction when they are given.
     """
 
     info: ModelInfo
@@ -281,6 +284,7 @@ class SpaceContext:
     spacing_samples: int | Sequence[Any] = 4
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)
     pipeline: Any = field(default=None, compare=False, repr=False)
+    ems: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         steps = self.num_inference_steps

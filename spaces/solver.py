@@ -34,8 +34,11 @@ reachable:
     ``corrector`` (UniC on every step that has a next evaluation) — the
     defaults of every step; warm-up (order ≤ evaluations so far) and the last step's limits
     apply to them silently, as in diffusers.
-  - ``prediction`` (``"data"`` / ``"noise"``) and ``prediction_switch``: steps from index
-    ``prediction_switch`` on use the other prediction (a value ≥ NFE never switches).
+  - ``prediction`` (``"data"`` / ``"noise"``, and ``"v3"`` — DPM-Solver-v3 — when the study computed
+    the model's statistics, ``--ems N``) and ``prediction_switch``: steps from index
+    ``prediction_switch`` on use the other prediction (noise ↔ data; v3 → data) (a value ≥ NFE never
+    switches). A v3 step's corrector is USF's (UniC is defined for data and noise), and a last step
+    landing on σ = 0 — outside the statistics' λ range — uses the data prediction.
   - ``step_i``: ``"auto"`` (the global order and corrector) or an explicit ``"1"``, ``"2"``,
     ``"3"``, ``"1c"``, ``"2c"``, ``"3c"`` (order, ``c`` = with corrector) for step i. Overrides of
     steps beyond the point's NFE are ignored. :meth:`SolverSpace.repair` lowers an explicit order
@@ -62,6 +65,7 @@ from typing import Any
 
 import numpy as np
 
+from difftune.accel._ems import StoredArray
 from difftune.accel.solver import CORRECTOR_KINDS, MAX_ORDER, SolverSchedule, SolverStep, USFScheduler, relaxable
 from difftune.errors import ProfileError, SpaceError
 
@@ -89,6 +93,8 @@ CONTINUOUS_GRIDS = ("time_uniform", "logsnr_uniform", "karras")
 RELAXATION_RANGE = (-0.5, 0.5)
 #: A step's override: ``"auto"`` (the global knobs) or order 1–3, ``"c"`` = with UniC corrector.
 STEP_CHOICES = ("auto", "1", "2", "3", "1c", "2c", "3c")
+#: The prediction steps after ``prediction_switch`` use.
+_OTHER = {"data": "noise", "noise": "data", "v3": "data"}
 _METHOD_NAMES = {"dpmsolver++": "DPM-Solver++(2M)", "unipc": "UniPC (bh2, order 2, corrector)", "ddim": "DDIM"}
 _T_START = (0.8, 1.0)
 _T_END_HIGH = 0.3
@@ -238,6 +244,8 @@ class SolverSpace(Space):
 
     default_searcher = "tpe"
     sections = ("solver",)
+    #: The study computes DPM-Solver-v3's statistics for this space when asked (``--ems``).
+    uses_ems = True
 
     def __init__(self) -> None:
         self._timelines: dict[tuple[Any, ...], _Timeline] = {}
@@ -292,7 +300,7 @@ class SolverSpace(Space):
             Variable(
                 "prediction",
                 "categorical",
-                choices=("data", "noise"),
+                choices=("data", "noise", "v3") if context.ems is not None else ("data", "noise"),
                 default="data",
                 help="what the integrator integrates before prediction_switch",
             ),
@@ -325,6 +333,20 @@ class SolverSpace(Space):
                 "bool",
                 default=False,
                 help="USF's analytical first step: x̂₀ = 0 at the first timestep, one more grid step for no model call",
+            ),
+            *(
+                [
+                    Variable(
+                        "afs_x0",
+                        "categorical",
+                        choices=("zero", "average"),
+                        default="zero",
+                        help="the analytical first step's x̂₀: 0 (USF's zero_x0) or the model's mean clean sample "
+                        "(average_x0, from the study's --ems trajectories)",
+                    )
+                ]
+                if context.ems is not None and context.ems.x0_mean is not None
+                else []
             ),
             Variable(
                 "relaxation",
@@ -402,7 +424,7 @@ class SolverSpace(Space):
         timeline = self._timeline(context)
         t = self._timesteps(params, timeline)
         n = int(params["nfe"])
-        other = "noise" if params["prediction"] == "data" else "data"
+        other = _OTHER[params["prediction"]]
         steps = []
         for i in range(n):
             choice = params[f"step_{i}"]
@@ -414,7 +436,11 @@ class SolverSpace(Space):
             else:
                 order, corrector = _parse_step(choice)
             prediction = params["prediction"] if i < params["prediction_switch"] else other
+            if prediction == "v3" and i == n - 1 and timeline.final_zero:
+                prediction = "data"  # σ = 0 lies outside the statistics' λ range
             kind = params.get("corrector_kind", "unic") if corrector else "unic"
+            if prediction == "v3" and corrector:
+                kind = "usf"  # UniC is defined for the data and noise predictions
             relaxation = float(params["relaxation"]) if relaxable(order, corrector, kind) else 0.0
             points = _points(params.get("points", "recent"), order, corrector and kind == "unic", i)
             steps.append(
@@ -430,8 +456,23 @@ class SolverSpace(Space):
         afs = bool(params.get("analytic_first", False))
         if afs:  # the analytical step: first order (x̂₀ = 0 moves x by σ₁/σ₀), no corrector
             steps.insert(0, _analytic_step(params["prediction"]))
+        ems = None
+        if any(s.prediction == "v3" for s in steps):
+            if context.ems is None:
+                raise SpaceError(
+                    "space 'solver': prediction 'v3' needs the model's statistics (run the study with --ems N)"
+                )
+            ems = context.ems.table(SolverSchedule.point_lambdas(tuple(t), None, context.scheduler_config))
+        first_x0 = None
+        if afs and params.get("afs_x0", "zero") == "average":
+            if context.ems is None or context.ems.x0_mean is None:
+                raise SpaceError("space 'solver': afs_x0 'average' needs the model's mean sample (run with --ems N)")
+            first_x0 = StoredArray(context.ems.x0_mean)
         try:
-            return {"solver": SolverSchedule(tuple(float(v) for v in t), tuple(steps), analytic_first=afs)}
+            schedule = SolverSchedule(
+                tuple(float(v) for v in t), tuple(steps), analytic_first=afs, ems=ems, first_x0=first_x0
+            )
+            return {"solver": schedule}
         except ProfileError as exc:  # repair should make this unreachable; say which point broke it
             raise SpaceError(f"solver point {dict(params)!r} decodes to an invalid schedule: {exc}") from exc
 
@@ -468,6 +509,13 @@ class SolverSpace(Space):
         params["nfe"] = n
         if afs:
             params["analytic_first"] = True
+        if schedule.first_x0 is not None:
+            mean = context.ems.x0_mean if context.ems is not None else None
+            if mean is None or not np.array_equal(schedule.first_x0.array, mean):
+                raise SpaceError(
+                    "space 'solver': the schedule's first_x0 is not this study's mean sample (the space's average_x0)"
+                )
+            params["afs_x0"] = "average"
         params.update(self._encode_grid(np.asarray(schedule.timesteps), schedule.num_steps, timeline, context))
         params.update(self._encode_steps(schedule.steps[int(afs) :], timeline, hi))
         target = self._normalised(schedule, timeline)
@@ -504,7 +552,9 @@ class SolverSpace(Space):
             steps.insert(
                 0, dataclasses.replace(_analytic_step(evaluated[0].prediction), dc_ratio=schedule.steps[0].dc_ratio)
             )
-        return SolverSchedule(schedule.timesteps, tuple(steps), analytic_first=bool(afs))
+        return SolverSchedule(
+            schedule.timesteps, tuple(steps), analytic_first=bool(afs), ems=schedule.ems, first_x0=schedule.first_x0
+        )
 
     def _encode_grid(self, t: np.ndarray, n: int, timeline: _Timeline, context: SpaceContext) -> dict[str, Any]:
         variables = {v.name: v for v in self.variables(context)}
@@ -577,8 +627,13 @@ class SolverSpace(Space):
 
         first = steps[0].prediction
         switch = next((i for i, s in enumerate(steps) if s.prediction != first), max_nfe)
-        if any(s.prediction == first for s in steps[switch:]):
-            raise SpaceError("space 'solver': the prediction type switches more than once")
+        if any(s.prediction != _OTHER[first] for s in steps[switch:]):
+            raise SpaceError(
+                f"space 'solver': the prediction type switches more than once, or from {first} to another than "
+                f"{_OTHER[first]}"
+            )
+        if first == "v3" and switch == n - 1 and timeline.final_zero:
+            switch = max_nfe  # the last step's data prediction is the space's rule at σ = 0, not a switch
         wanted = []
         for i, s in enumerate(steps):
             order = min(s.order, i + 1)

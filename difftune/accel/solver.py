@@ -35,6 +35,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
+from difftune.accel._ems import EMSTable, StoredArray
 from difftune.accel._fields import as_float, as_int, as_str, check_keys
 from difftune.accel._hooks import CompositeHandle, Handle, wrap_forward
 from difftune.accel._registry import register_technique
@@ -50,8 +51,9 @@ __all__ = [
     "relaxable",
 ]
 
-#: What the exponential integrator integrates: the data prediction x̂₀ (DPM-Solver++) or the noise ε̂ (DPM-Solver).
-PREDICTIONS = ("data", "noise")
+#: What the exponential integrator integrates: the data prediction x̂₀ (DPM-Solver++), the noise ε̂ (DPM-Solver), or
+#: DPM-Solver-v3's g, built from ε̂ with the model's empirical statistics (the schedule's ``ems`` table).
+PREDICTIONS = ("data", "noise", "v3")
 MAX_ORDER = 4
 #: How a corrector step re-integrates: UniPC's UniC (bh2) or USF's pseudo corrector (a Taylor update).
 CORRECTOR_KINDS = ("unic", "usf")
@@ -94,7 +96,8 @@ class SolverStep:
             evaluations exist (warm-up) and on a step that lands on σ = 0.
         prediction: ``"data"`` integrates the x̂₀ prediction (DPM-Solver++; stays bounded under strong
             guidance), ``"noise"`` the ε̂ prediction (DPM-Solver; fine unguided, unstable with large
-            guidance scales).
+            guidance scales), ``"v3"`` DPM-Solver-v3's g (the model's empirical statistics make it nearly
+            constant in λ; needs the schedule's ``ems`` table; no DC ratio, and its corrector is USF's).
         corrector: refine this step's result with UniC once the next evaluation exists. It costs
             no model call (it reuses the next step's) and raises the order of accuracy by one, but
             can overshoot with large guidance. Never on the last step: nothing evaluates after it.
@@ -166,6 +169,14 @@ class SolverStep:
             )
         if self.corrector_kind != "unic" and not self.corrector:
             raise ProfileError(f"{where}.corrector_kind: {self.corrector_kind!r} without the corrector; set corrector")
+        if self.prediction == "v3":
+            if self.corrector and self.corrector_kind == "unic":
+                raise ProfileError(
+                    f"{where}.corrector_kind: UniC is defined for the data and noise predictions; a v3 step's "
+                    "corrector is USF's ('usf')"
+                )
+            if self.dc_ratio != 1.0:
+                raise ProfileError(f"{where}.dc_ratio: DC-Solver compensates data or noise predictions, not v3; use 1")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -224,6 +235,12 @@ class SolverSchedule:
     #: x̂₀ = 0 is a buffered point for the next steps' multistep updates, so the schedule costs
     #: ``num_steps − 1`` evaluations (:attr:`nfe`). Written to the profile only when set.
     analytic_first: bool = False
+    #: DPM-Solver-v3's statistics at this schedule's points (timesteps, then the final noise level): needed
+    #: by ``"v3"`` steps, built by :meth:`difftune.accel._ems.EMS.table`. Written to the profile only when set.
+    ems: EMSTable | None = None
+    #: With :attr:`analytic_first`: the x̂₀ the first step assumes instead of 0 — USF's ``average_x0``, the mean
+    #: clean sample (shape of one sample, e.g. C×H×W; :attr:`difftune.accel._ems.EMS.x0_mean`). None: zero.
+    first_x0: StoredArray | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
@@ -261,6 +278,33 @@ class SolverSchedule:
                 f"solver.steps[{len(ts) - 1}].corrector: true on the last step; the corrector needs the next model "
                 "evaluation and none follows the last step"
             )
+        if self.first_x0 is not None:
+            if not isinstance(self.first_x0, StoredArray):
+                raise ProfileError(f"solver.first_x0: expected a stored array, got {type(self.first_x0).__name__}")
+            if not self.analytic_first:
+                raise ProfileError("solver.first_x0: set without analytic_first; it is the analytical first step's x̂₀")
+        if self.ems is not None and not isinstance(self.ems, EMSTable):
+            raise ProfileError(f"solver.ems: expected an EMS table, got {type(self.ems).__name__}")
+        v3 = [i for i, s in enumerate(self.steps) if s.prediction == "v3"]
+        if v3 and self.ems is None:
+            raise ProfileError(
+                f"solver.steps[{v3[0]}].prediction: 'v3' needs the model's empirical statistics (solver.ems); compute "
+                "them with difftune.search.ems.compute_ems, or use 'data'"
+            )
+        if self.ems is not None:
+            if len(self.ems.lambdas) != len(ts) + 1:
+                raise ProfileError(
+                    f"solver.ems: {len(self.ems.lambdas)} points for {len(ts)} timesteps; expected one per timestep "
+                    "and one for the final noise level"
+                )
+            for i in v3:
+                for k in (i, i + 1):
+                    if not self.ems.covers(k):
+                        where = "the final noise level" if k == len(ts) else f"timestep {ts[k]:g}"
+                        raise ProfileError(
+                            f"solver.steps[{i}].prediction: 'v3' at {where}, outside the λ range of the statistics "
+                            "(e.g. σ = 0); use 'data' for this step"
+                        )
 
     @property
     def num_steps(self) -> int:
@@ -282,6 +326,10 @@ class SolverSchedule:
             out["final_sigma"] = self.final_sigma
         if self.analytic_first:
             out["analytic_first"] = True
+        if self.ems is not None:
+            out["ems"] = self.ems.to_dict()
+        if self.first_x0 is not None:
+            out["first_x0"] = self.first_x0.to_dict()
         return out
 
     @classmethod
@@ -289,7 +337,7 @@ class SolverSchedule:
         """Build from JSON, validating every field; errors are :class:`ProfileError` naming the field."""
         if not isinstance(data, Mapping):
             raise ProfileError(f"solver: expected an object, got {data!r}")
-        check_keys(data, {"kind", "timesteps", "steps", "final_sigma", "analytic_first"}, "solver")
+        check_keys(data, {"kind", "timesteps", "steps", "final_sigma", "analytic_first", "ems", "first_x0"}, "solver")
         if data.get("kind", "usf") != "usf":
             raise ProfileError(f"solver.kind: expected 'usf', got {data.get('kind')!r}")
         timesteps, steps = data.get("timesteps"), data.get("steps")
@@ -302,7 +350,10 @@ class SolverSchedule:
         if final is not None:
             as_str(final, "solver.final_sigma", _FINAL_SIGMAS)
         steps_ = tuple(SolverStep.from_dict(s, f"solver.steps[{i}]") for i, s in enumerate(steps))
-        return cls(ts, steps_, final, data.get("analytic_first", False))
+        ems = EMSTable.from_dict(data["ems"]) if data.get("ems") is not None else None
+        first = data.get("first_x0")
+        first_x0 = StoredArray.from_dict(first, "solver.first_x0") if first is not None else None
+        return cls(ts, steps_, final, data.get("analytic_first", False), ems, first_x0)
 
     @classmethod
     def from_scheduler(
@@ -354,6 +405,15 @@ class SolverSchedule:
         )
         steps = tuple(SolverStep(s.order, s.prediction, s.corrector and i not in disabled) for i, s in enumerate(steps))
         return cls(tuple(float(t) for t in timesteps), steps)
+
+    @staticmethod
+    def point_lambdas(timesteps: Sequence[float], final_sigma: str | None, scheduler: Any) -> np.ndarray:
+        """λ = log(α/σ) at ``timesteps`` and at the final noise level, for the model ``scheduler`` (a pipeline
+        scheduler or its config) describes: where :meth:`difftune.accel._ems.EMS.table` reads the statistics."""
+        probe = SolverSchedule(tuple(timesteps), tuple(SolverStep(order=1) for _ in timesteps), final_sigma)
+        usf = USFScheduler.from_schedule(probe, scheduler)
+        usf.set_timesteps(len(probe.timesteps))
+        return np.array(usf._lambda, dtype=np.float64)
 
     def apply(self, pipe: Any, *, strict: bool = True) -> Handle:
         """Swap ``pipe.scheduler`` for a :class:`USFScheduler` on this schedule; ``remove()`` swaps it back.
@@ -896,6 +956,10 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
                 final_zero=final == 0.0,
             )
         self._t, self._alpha, self._sig, self._lambda, self._steps = t, alpha, sigma_t, lam, steps
+        self._ems = self._schedule.ems if self._schedule is not None else None
+        self._ems_cache: dict[tuple[Any, ...], Any] = {}
+        if self._ems is not None:
+            self._check_ems(self._ems, lam)
         integral = bool(np.all(t == np.round(t)))
         # Integer timesteps stay int64 as in diffusers' VP schedulers (some models embed them by lookup);
         # fractional ones are float32 like FlowMatchEulerDiscreteScheduler's.
@@ -904,6 +968,19 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = n
         self._begin_index = None
         self._reset_state()
+
+    def _check_ems(self, table: EMSTable, lam: np.ndarray) -> None:
+        """The table's points must be this model's: each covered one within half a statistics grid cell."""
+        cell = float(table.source.get("grid_step", 0.0) or 0.0)
+        for k, snapped in enumerate(table.lambdas):
+            if snapped is None:
+                continue
+            if not math.isfinite(lam[k]) or (cell and abs(snapped - lam[k]) > 0.5 * cell + 1e-6):
+                raise ProfileError(
+                    f"solver.ems: point {k} was built for λ = {snapped:.4g}, but this model's noise schedule puts it "
+                    f"at λ = {lam[k]:.4g}; the statistics belong to another noise schedule — recompute them for this "
+                    "model"
+                )
 
     def _reset_state(self) -> None:
         self._step_index: int | None = None
@@ -952,8 +1029,10 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             # Half precision loses the small differences multistep terms are made of; work in float32 as diffusers does.
             sample, model_output = sample.float(), model_output.float()
         if i == 0 and self._schedule is not None and self._schedule.analytic_first:
-            # USF's analytical first step: x̂₀ = 0 at the first timestep, ε̂ = x_T / σ_T; the model output is not read.
-            x0, eps = torch.zeros_like(sample), sample / float(self._sig[0])
+            # USF's analytical first step: x̂₀ = 0 (zero_x0) or the mean clean sample (average_x0) at the first
+            # timestep, ε̂ = (x_T − α_T·x̂₀)/σ_T; the model output is not read.
+            x0 = self._first_x0(sample)
+            eps = (sample - float(self._alpha[0]) * x0) / float(self._sig[0])
         else:
             x0, eps = self._convert(model_output, sample, i)
 
@@ -961,7 +1040,10 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             # UniC: now that the model has seen the predicted sample, correct that prediction before stepping on
             # (UniPC's order; the model output itself stays the one computed at the uncorrected sample).
             prev, prev_order = self._pending
-            model_t = x0 if prev.prediction == "data" else eps
+            if prev.prediction == "v3":
+                model_t = self._v3_f(i, x0, eps)
+            else:
+                model_t = x0 if prev.prediction == "data" else eps
             correct = self._usf_corrector if prev.corrector_kind == "usf" else self._corrector
             sample = correct(i - 1, prev_order, prev.prediction, model_t, sample)
 
@@ -988,6 +1070,17 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return (prev_sample,)
         return SchedulerOutput(prev_sample=prev_sample)
+
+    def _first_x0(self, sample: torch.Tensor) -> torch.Tensor:
+        first = self._schedule.first_x0 if self._schedule is not None else None
+        if first is None:
+            return torch.zeros_like(sample)
+        if tuple(first.array.shape) != tuple(sample.shape[1:]):
+            raise ProfileError(
+                f"solver.first_x0: shape {list(first.array.shape)}, but the samples are {list(sample.shape[1:])}; the "
+                "profile belongs to another model or size"
+            )
+        return torch.from_numpy(first.array).to(sample.device, sample.dtype).expand_as(sample)
 
     def _convert(self, model_output: torch.Tensor, sample: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x̂₀, ε̂) of one evaluation, both at the sample the model saw."""
@@ -1042,6 +1135,8 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         relax: float = 0.0,
         points: tuple[int, ...] = (),
     ) -> torch.Tensor:
+        if prediction == "v3":
+            return self._v3(i, order, x, 1.0 + relax * float(self._lambda[i + 1] - self._lambda[i]), points)
         h, hh, ratio, scale = self._coefficients(i, i + 1, prediction)
         relaxed = 1.0 + relax * h  # USF's "linear" relaxation of the first derivative (1 when relax = 0)
         if not math.isfinite(h) or not math.isfinite(ratio):
@@ -1115,8 +1210,7 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         """The Taylor update from grid point ``i`` to ``i + 1`` with the prediction ``start`` at ``i`` and the
         points at λ_i + r_j differing from it by ``deltas`` (``order − 1`` of them)."""
         h = float(self._lambda[i + 1] - self._lambda[i])
-        system = np.array([[rj**k / math.factorial(k) for rj in r] for k in range(1, order)])
-        weights = np.linalg.solve(system, np.eye(order - 1))  # column k-1: F⁽ᵏ⁾ = Σ_j weights[j, k-1]·ΔF_j
+        weights = _derivative_weights(order, r)
         hh = -h if prediction == "data" else h
         phi, factorial, terms = math.exp(hh), 1.0, []
         for k in range(order):  # φ_{k+1}(hh), as the reference's recursion
@@ -1161,14 +1255,92 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         with its default active points)."""
         x = self._last_sample
         assert x is not None
+        r = [float(self._lambda[j + 1] - self._lambda[j])]
+        r += [float(self._lambda[j - k] - self._lambda[j]) for k in range(1, order)]
+        if prediction == "v3":
+            # g relative to the step's start j: the new evaluation's f (``model_t``) and the buffered ones'.
+            g = [self._v3_g(j, j - k, self._v3_f(j - k, self._x0[-1 - k], self._eps[-1 - k])) for k in range(order)]
+            g_new = self._v3_g(j, j + 1, model_t)
+            deltas = [g_new - g[0], *(g[k] - g[0] for k in range(1, order))]
+            return self._v3_step(j, order + 1, x, g[0], r, deltas)
         _, _, ratio, _ = self._coefficients(j, j + 1, prediction)
         if not math.isfinite(ratio) or not math.isfinite(self._lambda[j + 1]):
             return predicted  # no finite update (leaving α = 0 with noise prediction): as UniC, keep the prediction
         m = self._buffer(prediction)  # not yet holding evaluation j + 1: m[-1] is at j
-        r = [float(self._lambda[j + 1] - self._lambda[j])]
-        r += [float(self._lambda[j - k] - self._lambda[j]) for k in range(1, order)]
         deltas = [model_t - m[-1], *(m[-1 - k] - m[-1] for k in range(1, order))]
         return self._taylor_step(j, order + 1, prediction, x, m[-1], r, deltas)
+
+    # ---- DPM-Solver-v3 ----------------------------------------------------------------------------
+
+    def _ems_row(self, k: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Point ``k``'s l, L, S, B, I, C as float64 tensors on ``like``'s device (cached per run)."""
+        key = ("row", k, like.device)
+        if key not in self._ems_cache:
+            table = self._ems
+            assert table is not None
+            if not table.covers(k):
+                raise ProfileError(f"solver.ems: a v3 step needs point {k}, which the statistics do not cover")
+            names = ("l", "L", "S", "B", "I", "C")
+            self._ems_cache[key] = {name: torch.from_numpy(getattr(table, name)[k]).to(like.device) for name in names}
+        return self._ems_cache[key]
+
+    def _v3_f(self, k: int, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """f = (σ·ε̂ − l·x)/α at point ``k`` = (1 − l)·(σ/α)·ε̂ − l·x̂₀ (x = α·x̂₀ + σ·ε̂; no sample needed)."""
+        row = self._ems_row(k, eps)
+        l = row["l"].to(eps.dtype)  # noqa: E741 - the paper's name
+        return (1.0 - l) * (float(self._sig[k]) / float(self._alpha[k])) * eps - l * x0
+
+    def _v3_g(self, s: int, k: int, f: torch.Tensor) -> torch.Tensor:
+        """g of point ``k`` relative to the start ``s``: e^{S_s−S_k}·f − e^{S_s}·(B_k − B_s)."""
+        rs, rk = self._ems_row(s, f), self._ems_row(k, f)
+        scale = torch.exp(rs["S"] - rk["S"]).to(f.dtype)
+        shift = (torch.exp(rs["S"]) * (rk["B"] - rs["B"])).to(f.dtype)
+        return scale * f - shift
+
+    def _v3(self, i: int, order: int, x: torch.Tensor, relaxed: float, points: tuple[int, ...]) -> torch.Tensor:
+        """DPM-Solver-v3's multistep predictor from point ``i`` (the reference's ``dpmsolver_v3_prediction``)."""
+        table = self._ems
+        assert table is not None
+        offsets = points or tuple(range(1, order))
+        if not all(table.covers(i - j) for j in offsets):  # warm-up over points the statistics do not cover
+            offsets = tuple(j for j in range(1, order) if table.covers(i - j))
+            offsets = offsets[: next((n for n, j in enumerate(offsets) if j != n + 1), len(offsets))]
+            order = len(offsets) + 1
+        g_s = self._v3_g(i, i, self._v3_f(i, self._x0[-1], self._eps[-1]))
+        g = [self._v3_g(i, i - j, self._v3_f(i - j, self._x0[-1 - j], self._eps[-1 - j])) for j in offsets]
+        r = [float(self._lambda[i - j] - self._lambda[i]) for j in offsets]
+        return self._v3_step(i, order, x, g_s, r, [gj - g_s for gj in g], relaxed)
+
+    def _v3_step(
+        self,
+        i: int,
+        order: int,
+        x: torch.Tensor,
+        g_s: torch.Tensor,
+        r: list[float],
+        deltas: list[torch.Tensor],
+        relaxed: float = 1.0,
+    ) -> torch.Tensor:
+        """x_t = α_t/α_s·e^{L_s−L_t}·x_s − α_t·e^{−L_t−S_s}·(I_t−I_s)·g_s − α_t·e^{−L_t}·(C_t−C_s−B_s·(I_t−I_s))
+        − Σ_k α_t·e^{L_s−L_t}·high_k·g⁽ᵏ⁾ for the step ``i`` → ``i + 1`` (g⁽ᵏ⁾ by the Taylor system over ``r``)."""
+        table = self._ems
+        assert table is not None
+        rs, rt = self._ems_row(i, x), self._ems_row(i + 1, x)
+        a_s, a_t = float(self._alpha[i]), float(self._alpha[i + 1])
+        di = rt["I"] - rs["I"]
+        c0 = ((a_t / a_s) * torch.exp(rs["L"] - rt["L"])).to(x.dtype)
+        c1 = (a_t * torch.exp(-rt["L"] - rs["S"]) * di).to(x.dtype)
+        c2 = (a_t * torch.exp(-rt["L"]) * (rt["C"] - rs["C"] - rs["B"] * di)).to(x.dtype)
+        out = c0 * x - c1 * g_s - c2
+        if order > 1:
+            weights = _derivative_weights(order, r)
+            base = a_t * torch.exp(rs["L"] - rt["L"])
+            high = torch.from_numpy(table.high[i]).to(x.device)
+            for k in range(1, order):
+                derivative = sum(float(weights[j, k - 1]) * deltas[j] for j in range(order - 1))
+                coefficient = (base * high[k - 1] * (relaxed if k == 1 else 1.0)).to(x.dtype)
+                out = out - coefficient * derivative
+        return out
 
     def _compensate(self, i: int, prediction: str, ratio: float | torch.Tensor) -> None:
         """DC-Solver: replace the newest buffered output by its compensated value, for every later use.
@@ -1199,6 +1371,13 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         a = torch.from_numpy(alpha).to(original_samples.device, original_samples.dtype).reshape(shape)
         s = torch.from_numpy(sigma).to(original_samples.device, original_samples.dtype).reshape(shape)
         return a * original_samples + s * noise
+
+
+def _derivative_weights(order: int, r: Sequence[float]) -> np.ndarray:
+    """Finite-difference weights of the Taylor system Σ_k r_j^k/k!·F⁽ᵏ⁾ = F_j − F_s (USF's ``get_diff_derivative``):
+    column k − 1 gives F⁽ᵏ⁾ = Σ_j weights[j, k − 1]·ΔF_j."""
+    system = np.array([[rj**k / math.factorial(k) for rj in r] for k in range(1, order)])
+    return np.linalg.solve(system, np.eye(order - 1))
 
 
 def _unipc_rhos(hh: float, rks: Sequence[float], *, corrector: bool) -> list[float]:

@@ -62,6 +62,7 @@ def write(tmp_path: Path, text: str = CONFIG) -> Path:
     [
         (("steps = 10", "stpes = 10"), "unknown key(s) stpes"),
         (("budget = 12", "budget = 0"), "spaces[0].budget"),
+        (("budget = 12", "budget = 12\nems = 64"), "spaces[0].ems"),
         (('space = "cache"\nbudget', 'space = "cahce"\nbudget'), "spaces[0].space"),
         (("flops_ratio<=0.7", "flops_ratio<<0.7"), "profiles[0].select"),
         (('space = "cache"\nselect', 'space = "solver"\nselect'), "is not searched for this model"),
@@ -87,6 +88,7 @@ def test_the_example_configuration_loads():
     (model,) = cfg.models
     assert model.model == "embedded" and model.time_limit_s == 20 * 60
     assert [s.space for s in model.spaces] == ["cache", "solver"]
+    assert [s.ems for s in model.spaces] == [0, 64]
     assert [p.name for p in model.profiles] == ["balanced", "fast"]
     assert cfg.output == (REPO / "nightly").resolve()
     assert cfg.storage == f"sqlite:///{cfg.output / 'difftune.db'}"
