@@ -191,6 +191,8 @@ def _dpm_solver_equivalent(solver: Any, base: Any) -> tuple[dict[str, Any] | Non
             "the analytical first step (no model call at the first timestep): diffusers' schedulers call the model at "
             "every timestep"
         )
+    if any(s.prediction == "v3" for s in steps):
+        return None, "DPM-Solver-v3 steps (the model's empirical statistics): no diffusers scheduler runs them"
     if any(s.prediction != "data" for s in steps):
         return None, "noise-prediction steps (DPM-Solver) mixed into the schedule"
     if any(s.corrector for s in steps):

@@ -372,3 +372,30 @@ def test_a_joint_point_exports_all_four_sections_with_held_out_figures(tmp_path,
     plain_mb = served_weight_memory(embedded_pipe).quantized_bytes / 2**20
     assert result.held_out["weight_memory_mb"] < plain_mb
     assert result.held_out["psnr"] < 99
+
+
+def test_dpm_solver_v3_steps_have_no_diffusers_equivalent(embedded_pipe):
+    import dataclasses
+
+    import numpy as np
+
+    from difftune.accel._ems import EMS
+    from difftune.profile import ModelRef
+    from difftune.search.export import diffusers_pieces
+
+    info = difftune.describe(embedded_pipe)
+    schedule = SolverSchedule.from_scheduler(embedded_pipe.scheduler, STEPS)
+    lam = SolverSchedule.point_lambdas(schedule.timesteps, None, embedded_pipe.scheduler)
+    grid = np.linspace(lam[0], lam[-2], 41)
+    ones, zeros = np.ones((41, 1, 16, 16)), np.zeros((41, 1, 16, 16))
+    table = EMS(grid, ones, zeros, zeros).table(lam)
+    steps = tuple(dataclasses.replace(s, prediction="v3") for s in schedule.steps[:-1]) + schedule.steps[-1:]
+    v3 = dataclasses.replace(schedule, steps=steps, ems=table)
+    profile = difftune.Profile(
+        name="p",
+        model=ModelRef(info.name, info.family, info.fingerprint),
+        context=difftune.ProfileContext(num_inference_steps=STEPS),
+        solver=v3,
+    )
+    pieces = diffusers_pieces(profile, embedded_pipe)
+    assert "solver" not in pieces.expressible and "DPM-Solver-v3" in pieces.not_expressible["solver"]
