@@ -48,6 +48,9 @@ reachable:
   - ``relaxation`` c (−0.5 … 0.5, default 0): USF's relaxation of the first derivative,
     F′·(1 + c·h), on every step but UniP-3/4 ones (order ≥ 3 with the corrector).
 
+- UNets only: ``skip_0`` … ``skip_{K−1}`` (0.5 … 1, default 1): USF's U-Net skip coefficients, one per
+  skip connection the decoder takes (K = 12 for SD 1.x/2.x), in the order it consumes them.
+
 Variables: 11 + max NFE for VP models (23 with the default ``nfe_range=(3, 12)``), one fewer for
 flow-matching models. Default searcher: TPE (mixed categorical / continuous, conditional knobs).
 
@@ -101,6 +104,17 @@ _T_END_HIGH = 0.3
 _DECIMALS = 4  # continuous timesteps are rounded so that profiles stay readable
 _ATOL = 2 * 10.0**-_DECIMALS  # encode's fitted grids reproduce timesteps up to that rounding
 _FIT = {"xatol": 1e-9}
+
+
+SKIP_RANGE = (0.5, 1.0)
+
+
+def skip_count(context: SpaceContext) -> int:
+    """The skip connections a UNet's decoder takes (one per up-block ResNet); 0 for other denoisers."""
+    info = context.info
+    if not info.components or info.components[0] != "resnets":
+        return 0
+    return sum(len(b.components[0]) for b in info.block_info if b.kind == "up")
 
 
 class _Timeline:
@@ -358,6 +372,16 @@ class SolverSpace(Space):
         ]
         out += [
             Variable(
+                f"skip_{k}",
+                "float",
+                *SKIP_RANGE,
+                default=1.0,
+                help=f"USF's U-Net skip coefficient of the decoder's skip connection {k} (0 = the deepest)",
+            )
+            for k in range(skip_count(context))
+        ]
+        out += [
+            Variable(
                 f"step_{i}",
                 "categorical",
                 choices=STEP_CHOICES,
@@ -468,9 +492,15 @@ class SolverSpace(Space):
             if context.ems is None or context.ems.x0_mean is None:
                 raise SpaceError("space 'solver': afs_x0 'average' needs the model's mean sample (run with --ems N)")
             first_x0 = StoredArray(context.ems.x0_mean)
+        skips = tuple(float(params[f"skip_{k}"]) for k in range(skip_count(context)))
         try:
             schedule = SolverSchedule(
-                tuple(float(v) for v in t), tuple(steps), analytic_first=afs, ems=ems, first_x0=first_x0
+                tuple(float(v) for v in t),
+                tuple(steps),
+                analytic_first=afs,
+                ems=ems,
+                first_x0=first_x0,
+                skip_coefficients=skips if any(v != 1.0 for v in skips) else None,
             )
             return {"solver": schedule}
         except ProfileError as exc:  # repair should make this unreachable; say which point broke it
@@ -516,6 +546,13 @@ class SolverSpace(Space):
                     "space 'solver': the schedule's first_x0 is not this study's mean sample (the space's average_x0)"
                 )
             params["afs_x0"] = "average"
+        if schedule.skip_coefficients is not None:
+            if len(schedule.skip_coefficients) != skip_count(context):
+                raise SpaceError(
+                    f"space 'solver': {len(schedule.skip_coefficients)} skip coefficients for a decoder with "
+                    f"{skip_count(context)} skip connections"
+                )
+            params.update({f"skip_{k}": v for k, v in enumerate(schedule.skip_coefficients)})
         params.update(self._encode_grid(np.asarray(schedule.timesteps), schedule.num_steps, timeline, context))
         params.update(self._encode_steps(schedule.steps[int(afs) :], timeline, hi))
         target = self._normalised(schedule, timeline)
@@ -552,9 +589,7 @@ class SolverSpace(Space):
             steps.insert(
                 0, dataclasses.replace(_analytic_step(evaluated[0].prediction), dc_ratio=schedule.steps[0].dc_ratio)
             )
-        return SolverSchedule(
-            schedule.timesteps, tuple(steps), analytic_first=bool(afs), ems=schedule.ems, first_x0=schedule.first_x0
-        )
+        return dataclasses.replace(schedule, steps=tuple(steps), analytic_first=bool(afs), final_sigma=None)
 
     def _encode_grid(self, t: np.ndarray, n: int, timeline: _Timeline, context: SpaceContext) -> dict[str, Any]:
         variables = {v.name: v for v in self.variables(context)}

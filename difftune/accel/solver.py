@@ -241,6 +241,9 @@ class SolverSchedule:
     #: With :attr:`analytic_first`: the x̂₀ the first step assumes instead of 0 — USF's ``average_x0``, the mean
     #: clean sample (shape of one sample, e.g. C×H×W; :attr:`difftune.accel._ems.EMS.x0_mean`). None: zero.
     first_x0: StoredArray | None = None
+    #: USF's U-Net skip coefficients: each skip connection a UNet's up blocks take is scaled by one of these
+    #: (in the order the decoder consumes them: the deepest first), on every step; None: all 1. UNets only.
+    skip_coefficients: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "timesteps", tuple(float(t) for t in self.timesteps))
@@ -278,6 +281,14 @@ class SolverSchedule:
                 f"solver.steps[{len(ts) - 1}].corrector: true on the last step; the corrector needs the next model "
                 "evaluation and none follows the last step"
             )
+        if self.skip_coefficients is not None:
+            values = self.skip_coefficients
+            if isinstance(values, (str, bytes)) or not isinstance(values, (tuple, list)) or not values:
+                raise ProfileError(f"solver.skip_coefficients: expected a non-empty list of numbers, got {values!r}")
+            checked = tuple(as_float(v, f"solver.skip_coefficients[{k}]", minimum=0.0) for k, v in enumerate(values))
+            if max(checked) > 1.0:
+                raise ProfileError(f"solver.skip_coefficients: expected values in [0, 1] (USF's range), got {values!r}")
+            object.__setattr__(self, "skip_coefficients", checked)
         if self.first_x0 is not None:
             if not isinstance(self.first_x0, StoredArray):
                 raise ProfileError(f"solver.first_x0: expected a stored array, got {type(self.first_x0).__name__}")
@@ -330,6 +341,8 @@ class SolverSchedule:
             out["ems"] = self.ems.to_dict()
         if self.first_x0 is not None:
             out["first_x0"] = self.first_x0.to_dict()
+        if self.skip_coefficients is not None:
+            out["skip_coefficients"] = list(self.skip_coefficients)
         return out
 
     @classmethod
@@ -337,7 +350,11 @@ class SolverSchedule:
         """Build from JSON, validating every field; errors are :class:`ProfileError` naming the field."""
         if not isinstance(data, Mapping):
             raise ProfileError(f"solver: expected an object, got {data!r}")
-        check_keys(data, {"kind", "timesteps", "steps", "final_sigma", "analytic_first", "ems", "first_x0"}, "solver")
+        check_keys(
+            data,
+            {"kind", "timesteps", "steps", "final_sigma", "analytic_first", "ems", "first_x0", "skip_coefficients"},
+            "solver",
+        )
         if data.get("kind", "usf") != "usf":
             raise ProfileError(f"solver.kind: expected 'usf', got {data.get('kind')!r}")
         timesteps, steps = data.get("timesteps"), data.get("steps")
@@ -353,7 +370,8 @@ class SolverSchedule:
         ems = EMSTable.from_dict(data["ems"]) if data.get("ems") is not None else None
         first = data.get("first_x0")
         first_x0 = StoredArray.from_dict(first, "solver.first_x0") if first is not None else None
-        return cls(ts, steps_, final, data.get("analytic_first", False), ems, first_x0)
+        skips = data.get("skip_coefficients")
+        return cls(ts, steps_, final, data.get("analytic_first", False), ems, first_x0, skips)
 
     @classmethod
     def from_scheduler(
@@ -432,12 +450,72 @@ class SolverSchedule:
             pipe.scheduler = original
 
         handle = CompositeHandle([Handle(undo)])
+        if self.skip_coefficients is not None:
+            try:
+                handle.add(scale_unet_skips(pipe, self.skip_coefficients))
+            except BaseException:
+                handle.remove()
+                raise
         if self.analytic_first:
             from difftune.models import adapter_for
 
             denoiser = adapter_for(pipe).denoiser(pipe)
             handle.add(wrap_forward(denoiser, functools.partial(_analytic_first_call, pipe, scheduler, denoiser)))
         return handle
+
+
+def unet_skip_count(denoiser: Any) -> int:
+    """The skip connections a UNet's up blocks take (one per up-block ResNet); 0 for a denoiser without up blocks."""
+    return sum(len(getattr(block, "resnets", None) or ()) for block in getattr(denoiser, "up_blocks", None) or ())
+
+
+def scale_unet_skips(pipe: Any, coefficients: Sequence[float]) -> Handle:
+    """Scale every skip connection the pipeline's UNet decoder takes by its coefficient (USF's skip coefficients).
+
+    An up block receives its skips as ``res_hidden_states_tuple`` and consumes them from the end; coefficient k
+    belongs to the k-th skip consumed over the whole decoder (0 = the deepest). Each up block's forward gets the
+    tuple scaled; the weights are not touched. ``remove()`` undoes it.
+    """
+    from difftune.models import adapter_for
+
+    denoiser = adapter_for(pipe).denoiser(pipe)
+    blocks = list(getattr(denoiser, "up_blocks", None) or ())
+    count = unet_skip_count(denoiser)
+    if not count:
+        raise ProfileError(
+            f"solver.skip_coefficients: the denoiser ({type(denoiser).__name__}) has no U-Net up blocks; skip "
+            "coefficients scale a UNet's skip connections"
+        )
+    if len(coefficients) != count:
+        raise ProfileError(
+            f"solver.skip_coefficients: {len(coefficients)} coefficients, but this UNet's decoder takes {count} skip "
+            "connections; the profile belongs to another model"
+        )
+    handles = []
+    offset = 0
+    for block in blocks:
+        m = len(getattr(block, "resnets", None) or ())
+        # the block pops its tuple from the end: tuple item j is consumed (m − 1 − j)-th
+        mine = [float(coefficients[offset + m - 1 - j]) for j in range(m)]
+        offset += m
+
+        def scale(module: Any, args: tuple, kwargs: dict, mine: list[float] = mine) -> tuple[tuple, dict]:
+            def scaled(skips: Any) -> tuple:
+                return tuple(s if c == 1.0 else s * c for s, c in zip(skips, mine, strict=True))
+
+            if "res_hidden_states_tuple" in kwargs:
+                kwargs = {**kwargs, "res_hidden_states_tuple": scaled(kwargs["res_hidden_states_tuple"])}
+            elif len(args) > 1:
+                args = (args[0], scaled(args[1]), *args[2:])
+            return args, kwargs
+
+        handles.append(block.register_forward_pre_hook(scale, with_kwargs=True))
+
+    def undo() -> None:
+        for h in handles:
+            h.remove()
+
+    return Handle(undo)
 
 
 def _analytic_first_call(
