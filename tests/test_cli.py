@@ -105,6 +105,14 @@ def test_usage_errors_are_the_usual_message_with_exit_2_not_a_traceback(args, me
     assert message in err and "Usage: difftune" in err and "Traceback" not in err
 
 
+def test_ems_on_a_space_without_v3_is_one_line_exit_2(tmp_path):
+    result = run_cli(
+        "calibrate", "--space", "cache", "--ems", "8", "--budget", "1", "--storage", f"sqlite:///{tmp_path / 'd.db'}"
+    )
+    assert result.returncode == EXIT_BAD_INPUT
+    assert "for the solver space, not 'cache'" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_an_unwritable_output_is_one_line(tmp_path, capsys):
     from difftune.cli import main
 
