@@ -460,6 +460,15 @@ def calibrate(
         int | None,
         typer.Option(min=2, help="One screened candidate in this many goes on to the full evaluation (default 3)."),
     ] = None,
+    reference_steps: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Compare trials' images with the plain pipeline at this many steps (e.g. 200: near the exact ODE "
+            "solution) instead of at --steps; speedups stay relative to the plain pipeline at --steps. Kept when "
+            "the study resumes.",
+        ),
+    ] = None,
     ems: Annotated[
         int,
         typer.Option(
@@ -610,6 +619,7 @@ def calibrate(
             screen=screen,
             screen_eta=screen_eta,
             ems=ems,
+            reference_steps=reference_steps,
             pipeline_class=pipeline_class,
             config=config,
             objectives=[objectives] if objectives else None,

@@ -23,6 +23,7 @@ the reference stays plain.
 from __future__ import annotations
 
 import copy as _copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -221,6 +222,9 @@ class Reference:
         setting: what produces the reference images (see :meth:`ReferenceSetting.from_pipeline`).
         cache: where the images are cached (default :class:`ReferenceCache` at :func:`default_cache_dir`).
         batch_size: samples per pipeline call when images are computed.
+        image_steps: draw the reference *images* with this many steps instead of the setting's (e.g. 200: a
+            near-exact ODE solution to measure fidelity against), while FLOPs and latency stay those of the
+            setting itself (the plain pipeline as served, what speedups are relative to). None: the setting's.
 
     Example::
 
@@ -235,11 +239,16 @@ class Reference:
         *,
         cache: ReferenceCache | None = None,
         batch_size: int = 16,
+        image_steps: int | None = None,
     ) -> None:
         from difftune.models import describe
 
         if batch_size < 1:
             raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
+        if image_steps is not None and (isinstance(image_steps, bool) or not isinstance(image_steps, int)):
+            raise EvaluationError(f"image_steps must be an integer >= 1, got {image_steps!r}")
+        if image_steps is not None and image_steps < 1:
+            raise EvaluationError(f"image_steps must be an integer >= 1, got {image_steps!r}")
         info = describe(pipe)
         self.pipe = pipe
         self.setting = setting
@@ -247,7 +256,13 @@ class Reference:
         self.batch_size = batch_size
         self.family = info.family
         self.fingerprint = info.fingerprint
-        self.digest = setting.digest()
+        #: What draws the reference images: the setting itself, or the setting at ``image_steps`` steps.
+        self.image_setting = (
+            setting
+            if image_steps is None
+            else dataclasses.replace(setting, call_kwargs={**setting.call_kwargs, "num_inference_steps": image_steps})
+        )
+        self.digest = self.image_setting.digest()
         #: Pipeline calls this reference has made (images computed, FLOPs counted, latency runs).
         self.pipeline_calls = 0
         self._flops: dict[tuple[str, ...], int] = {}
@@ -262,6 +277,7 @@ class Reference:
         accel: Mapping[str, Any] | None = None,
         cache: ReferenceCache | None = None,
         batch_size: int = 16,
+        image_steps: int | None = None,
         **call_kwargs: Any,
     ) -> Reference:
         """The reference setting ``pipe`` (as it is now) called with ``call_kwargs``.
@@ -273,14 +289,15 @@ class Reference:
         """
         ref_pipe = shared_weights_copy(pipe) if copy else pipe
         setting = ReferenceSetting.from_pipeline(ref_pipe, accel=accel, **call_kwargs)
-        return cls(ref_pipe, setting, cache=cache, batch_size=batch_size)
+        return cls(ref_pipe, setting, cache=cache, batch_size=batch_size, image_steps=image_steps)
 
     def run(self, samples: Sequence[Sample]) -> torch.Tensor:
         """Run the reference setting on ``samples`` now, in batches (no cache): N×C×H×W on the CPU."""
         out = []
         for start in range(0, len(samples), self.batch_size):
             self.pipeline_calls += 1
-            out.append(generate(self.pipe, samples[start : start + self.batch_size], self.setting.call_kwargs).cpu())
+            batch = samples[start : start + self.batch_size]
+            out.append(generate(self.pipe, batch, self.image_setting.call_kwargs).cpu())
         return torch.cat(out)
 
     def images(self, samples: Sequence[Sample]) -> torch.Tensor:

@@ -552,7 +552,11 @@ def _job(
         # the reference and the trial; on a GPU the ratio of medians (CUDA events, after a warm-up).
         latency=latency,
         reference=Reference.from_pipeline(
-            pipe, num_inference_steps=settings.num_inference_steps, batch_size=settings.images_per_call(), **call
+            pipe,
+            num_inference_steps=settings.num_inference_steps,
+            batch_size=settings.images_per_call(),
+            image_steps=settings.reference_steps,
+            **call,
         ),
         provenance={
             "study": study_rec.name,
@@ -1054,6 +1058,7 @@ def run_study(
     memo: bool = True,
     screen: int | None = None,
     screen_eta: int | None = None,
+    reference_steps: int | None = None,
     ems: int = 0,
     on_start: Callable[[Any], None] | None = None,
     stack_from: Sequence[str] = (),
@@ -1112,6 +1117,9 @@ def run_study(
             space's ``default_screen`` (4 for ``ecad``, 0 for the others). Chosen when the study is
             created, kept on resume.
         screen_eta: the reduction factor of that screening (default 3).
+        reference_steps: compare trials' images with the plain pipeline at this many steps (e.g. 200, near the
+            exact ODE solution) instead of at ``num_inference_steps``; speedups stay relative to the plain
+            pipeline at ``num_inference_steps``. Chosen when the study is created, kept on resume.
         ems: ``solver`` space only: compute DPM-Solver-v3's empirical model statistics from this many
             trajectories (:func:`difftune.search.ems.compute_ems`; cached per model and call) and offer
             the ``v3`` prediction; 0 (default): off. Chosen when the study is created, kept on resume.
@@ -1187,6 +1195,7 @@ def run_study(
         population=population,
         screen=_screen_samples(space_obj, screen, samples),
         screen_eta=3 if screen_eta is None else screen_eta,
+        reference_steps=reference_steps,
         ems=ems,
     )
     if settings.ems and not getattr(space_obj, "uses_ems", False):

@@ -187,6 +187,9 @@ class StudySettings:
             are measured in full; 0 (default): every candidate is measured in full.
         screen_eta: successive halving's reduction factor: one screened candidate in ``screen_eta``
             goes on to the full evaluation.
+        reference_steps: the quality reference: trials' images are compared with the plain pipeline at this
+            many steps (e.g. 200, a near-exact ODE solution) instead of at :attr:`num_inference_steps`; speed
+            and FLOPs stay relative to the plain pipeline at :attr:`num_inference_steps`. None: the same.
         ems: trajectories DPM-Solver-v3's empirical model statistics are computed from (on the study's
             call and conditions, seeds of their own; cached per model); 0 (default): the solver space
             does not offer the ``v3`` prediction.
@@ -214,6 +217,7 @@ class StudySettings:
     population: int | None = None
     screen: int = 0
     screen_eta: int = 3
+    reference_steps: int | None = None
     ems: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -226,6 +230,8 @@ class StudySettings:
         _positive_int("--screen", self.screen, 0)
         _positive_int("--screen-eta", self.screen_eta, 2)
         _positive_int("--ems", self.ems, 0)
+        if self.reference_steps is not None:
+            _positive_int("--reference-steps", self.reference_steps, 1)
         if self.ems == 1:
             raise DifftuneError(
                 "--ems 1: the statistics are regressions over trajectories; use 0 (off) or >= 2 (64 is good)"
@@ -317,6 +323,7 @@ class StudySettings:
         "batch_size",
         "constraints",
         "nfe_range",
+        "reference_steps",
         "ems",
     )
 

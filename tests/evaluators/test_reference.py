@@ -127,3 +127,21 @@ def test_reference_images_drawn_on_another_device_type_are_cached_apart(embedded
     assert cpu.device == "cpu" and "device" not in cpu.to_dict()  # CPU digests (and caches) are as before
     cuda = ReferenceSetting(cpu.call_kwargs, cpu.scheduler, cpu.scheduler_config, device="cuda")
     assert cuda.digest() != cpu.digest()
+
+
+def test_image_steps_draw_the_images_with_more_steps_but_time_and_count_the_served_setting(embedded_pipe, cache):
+    from difftune.errors import EvaluationError
+
+    samples = CalibrationSet(labels=[3, 7], seeds=1)[:2]
+    served = Reference.from_pipeline(embedded_pipe, cache=cache, num_inference_steps=STEPS)
+    fine = Reference.from_pipeline(embedded_pipe, cache=cache, num_inference_steps=STEPS, image_steps=3 * STEPS)
+    same_as_fine = Reference.from_pipeline(embedded_pipe, cache=cache, num_inference_steps=3 * STEPS)
+    n_images, images = _calls(fine, samples)
+    assert n_images == 3 * STEPS and fine.digest == same_as_fine.digest != served.digest
+    assert torch.equal(images, same_as_fine.images(samples))  # one cache entry: the 12-step images
+    assert not torch.equal(images, served.images(samples))
+    with DenoiserCalls(fine.pipe.transformer) as calls:
+        fine.runner(samples)()  # what latency times: the plain pipeline as served
+    assert calls.calls == STEPS and fine.setting.call_kwargs["num_inference_steps"] == STEPS
+    with pytest.raises(EvaluationError, match="image_steps must be an integer >= 1"):
+        Reference.from_pipeline(embedded_pipe, cache=cache, num_inference_steps=STEPS, image_steps=0)

@@ -108,3 +108,25 @@ def test_ems_is_a_study_setting(tmp_path):
     assert "ems" in StudySettings.COMPARED
     with pytest.raises(SpaceError, match="for the solver space, not 'cache'"):
         run_study(space="cache", budget=1, ems=8, storage=f"sqlite:///{tmp_path / 'x.db'}")
+
+
+def test_a_study_can_measure_fidelity_against_more_steps_than_it_times(tmp_path):
+    from difftune.errors import StoreError
+    from difftune.search.runner import run_study
+    from difftune.search.settings import StudySettings
+    from difftune.store import TrialState, get_store
+
+    with pytest.raises(DifftuneError, match="--reference-steps"):
+        StudySettings(reference_steps=0)
+    assert "reference_steps" in StudySettings.COMPARED
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    common = {"space": "cache", "budget": 1, "storage": url, "num_inference_steps": 4, "samples": 2, "memo": False}
+    run_study(study="fine", reference_steps=40, **common)
+    run_study(study="served", **common)
+    with get_store(url) as store:
+        fine, served = (store.list_trials(name, TrialState.COMPLETE)[0] for name in ("fine", "served"))
+    # the first baseline is the plain pipeline itself: identical to the served reference, not to 40 steps
+    assert fine.config.get("baseline") == served.config.get("baseline") == "identity"
+    assert served.values()["psnr"] >= 99 and fine.values()["psnr"] < 40
+    with pytest.raises(StoreError, match="reference_steps 40"):
+        run_study(study="fine", reference_steps=50, **{**common, "budget": 2})
