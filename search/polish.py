@@ -11,8 +11,8 @@ that would cross or leave the trained range score as infinitely bad. DPM-Solver-
 statistics' rows rebuilt for the new points (pass the :class:`~difftune.accel._ems.EMS`).
 
 Use more calibration samples than a study does (40 or more): with 10, the placement fits those
-samples' noise (on the embedded model a polish on 10 samples reached 0.21 of the start's calibration
-MSE but 0.45 held out; on 40, 0.28 and 0.38)::
+samples' noise (embedded model, NFE 5: on 10 samples the calibration MSE fell to 0.19 of the start's
+and the held-out MSE reached 0.45 of DPM-Solver++'s best spacing; on 40 samples 0.28 and 0.38)::
 
     >>> from difftune.search.polish import polish_timesteps
     >>> result = polish_timesteps(pipe, schedule, samples, reference_steps=200, evaluations=150)
