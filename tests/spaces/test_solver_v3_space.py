@@ -130,3 +130,34 @@ def test_a_study_can_measure_fidelity_against_more_steps_than_it_times(tmp_path)
     assert served.values()["psnr"] >= 99 and fine.values()["psnr"] < 40
     with pytest.raises(StoreError, match="reference_steps 40"):
         run_study(study="fine", reference_steps=50, **{**common, "budget": 2})
+
+
+def test_a_v3_profile_saves_loads_and_applies(embedded_pipe, ems, tmp_path):
+    import difftune
+    from difftune.spaces import to_profile
+
+    space = get_space("solver")
+    context = SpaceContext.from_pipeline(embedded_pipe, nfe_range=(3, 8), keep_pipeline=False).replace(ems=ems[0])
+    params = {**space.default_params(context), "nfe": 5, "prediction": "v3", "analytic_first": True}
+    params.update(afs_x0="average", grid="logsnr_uniform")
+    profile = to_profile(space.decode(params, context), context, name="v3")
+    profile.save(tmp_path / "v3.json")
+    loaded = difftune.load_profile(tmp_path / "v3.json")
+    assert loaded.solver == profile.solver and loaded.solver.first_x0 is not None
+    assert [s.prediction for s in loaded.solver.steps] == ["v3"] * 5 + ["data"]
+    handle = difftune.apply_profile(embedded_pipe, loaded)
+    try:
+        out = embedded_pipe(
+            class_labels=[3, 7], num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="pt"
+        ).images
+    finally:
+        handle.remove()
+    assert out.shape == (2, 1, 16, 16) and torch.isfinite(out).all()
+    direct = loaded.solver.apply(embedded_pipe)
+    try:
+        again = embedded_pipe(
+            class_labels=[3, 7], num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="pt"
+        ).images
+    finally:
+        direct.remove()
+    assert torch.equal(out, again)  # the profile path runs the very schedule
