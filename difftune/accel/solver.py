@@ -1288,7 +1288,6 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         """The Taylor update from grid point ``i`` to ``i + 1`` with the prediction ``start`` at ``i`` and the
         points at λ_i + r_j differing from it by ``deltas`` (``order − 1`` of them)."""
         h = float(self._lambda[i + 1] - self._lambda[i])
-        weights = _derivative_weights(order, r)
         hh = -h if prediction == "data" else h
         phi, factorial, terms = math.exp(hh), 1.0, []
         for k in range(order):  # φ_{k+1}(hh), as the reference's recursion
@@ -1296,8 +1295,7 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             phi = (phi - 1.0 / factorial) / hh
             terms.append(h ** (k + 1) * phi)
         total = terms[0] * start
-        for k in range(1, order):
-            derivative = sum(float(weights[j, k - 1]) * deltas[j] for j in range(order - 1))
+        for k, derivative in enumerate(_taylor_derivatives(order, r, deltas), start=1):
             total = total + (terms[k] * (relaxed if k == 1 else 1.0)) * derivative
         a_s, a_t, s_s, s_t = (float(v) for v in (self._alpha[i], self._alpha[i + 1], self._sig[i], self._sig[i + 1]))
         if prediction == "data":
@@ -1370,9 +1368,13 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
 
     def _v3_g(self, s: int, k: int, f: torch.Tensor) -> torch.Tensor:
         """g of point ``k`` relative to the start ``s``: e^{S_s−S_k}·f − e^{S_s}·(B_k − B_s)."""
-        rs, rk = self._ems_row(s, f), self._ems_row(k, f)
-        scale = torch.exp(rs["S"] - rk["S"]).to(f.dtype)
-        shift = (torch.exp(rs["S"]) * (rk["B"] - rs["B"])).to(f.dtype)
+        key = ("g", s, k, f.device, f.dtype)
+        if key not in self._ems_cache:  # each pair's factors once per run
+            rs, rk = self._ems_row(s, f), self._ems_row(k, f)
+            scale = torch.exp(rs["S"] - rk["S"]).to(f.dtype)
+            shift = (torch.exp(rs["S"]) * (rk["B"] - rs["B"])).to(f.dtype)
+            self._ems_cache[key] = (scale, shift)
+        scale, shift = self._ems_cache[key]
         return scale * f - shift
 
     def _v3(self, i: int, order: int, x: torch.Tensor, relaxed: float, points: tuple[int, ...]) -> torch.Tensor:
@@ -1401,23 +1403,25 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
     ) -> torch.Tensor:
         """x_t = α_t/α_s·e^{L_s−L_t}·x_s − α_t·e^{−L_t−S_s}·(I_t−I_s)·g_s − α_t·e^{−L_t}·(C_t−C_s−B_s·(I_t−I_s))
         − Σ_k α_t·e^{L_s−L_t}·high_k·g⁽ᵏ⁾ for the step ``i`` → ``i + 1`` (g⁽ᵏ⁾ by the Taylor system over ``r``)."""
-        table = self._ems
-        assert table is not None
-        rs, rt = self._ems_row(i, x), self._ems_row(i + 1, x)
-        a_s, a_t = float(self._alpha[i]), float(self._alpha[i + 1])
-        di = rt["I"] - rs["I"]
-        c0 = ((a_t / a_s) * torch.exp(rs["L"] - rt["L"])).to(x.dtype)
-        c1 = (a_t * torch.exp(-rt["L"] - rs["S"]) * di).to(x.dtype)
-        c2 = (a_t * torch.exp(-rt["L"]) * (rt["C"] - rs["C"] - rs["B"] * di)).to(x.dtype)
-        out = c0 * x - c1 * g_s - c2
-        if order > 1:
-            weights = _derivative_weights(order, r)
+        key = ("step", i, x.device, x.dtype)
+        if key not in self._ems_cache:  # the step's coefficients once per run
+            table = self._ems
+            assert table is not None
+            rs, rt = self._ems_row(i, x), self._ems_row(i + 1, x)
+            a_s, a_t = float(self._alpha[i]), float(self._alpha[i + 1])
+            di = rt["I"] - rs["I"]
             base = a_t * torch.exp(rs["L"] - rt["L"])
             high = torch.from_numpy(table.high[i]).to(x.device)
-            for k in range(1, order):
-                derivative = sum(float(weights[j, k - 1]) * deltas[j] for j in range(order - 1))
-                coefficient = (base * high[k - 1] * (relaxed if k == 1 else 1.0)).to(x.dtype)
-                out = out - coefficient * derivative
+            self._ems_cache[key] = (
+                ((a_t / a_s) * torch.exp(rs["L"] - rt["L"])).to(x.dtype),
+                (a_t * torch.exp(-rt["L"] - rs["S"]) * di).to(x.dtype),
+                (a_t * torch.exp(-rt["L"]) * (rt["C"] - rs["C"] - rs["B"] * di)).to(x.dtype),
+                [base * high[k] for k in range(len(high))],  # float64; the relaxation multiplies the first
+            )
+        c0, c1, c2, high_terms = self._ems_cache[key]
+        out = c0 * x - c1 * g_s - c2
+        for k, derivative in enumerate(_taylor_derivatives(order, r, deltas), start=1):
+            out = out - (high_terms[k - 1] * (relaxed if k == 1 else 1.0)).to(x.dtype) * derivative
         return out
 
     def _compensate(self, i: int, prediction: str, ratio: float | torch.Tensor) -> None:
@@ -1456,6 +1460,20 @@ def _derivative_weights(order: int, r: Sequence[float]) -> np.ndarray:
     column k − 1 gives F⁽ᵏ⁾ = Σ_j weights[j, k − 1]·ΔF_j."""
     system = np.array([[rj**k / math.factorial(k) for rj in r] for k in range(1, order)])
     return np.linalg.solve(system, np.eye(order - 1))
+
+
+def _taylor_derivatives(order: int, r: Sequence[float], deltas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """F⁽ᵏ⁾ for k = 1 … order − 1 from the differences ``deltas`` to the points at offsets ``r`` in λ."""
+    if order < 2:
+        return []
+    weights = _derivative_weights(order, r)
+    out = []
+    for k in range(1, order):
+        derivative = float(weights[0, k - 1]) * deltas[0]
+        for j in range(1, order - 1):
+            derivative = derivative + float(weights[j, k - 1]) * deltas[j]
+        out.append(derivative)
+    return out
 
 
 def _unipc_rhos(hh: float, rks: Sequence[float], *, corrector: bool) -> list[float]:
