@@ -638,6 +638,37 @@ def test_embedded_pipeline_gives_dpm_solver_pp_images(embedded_pipe):
 # ---- order 4: USF's Taylor update -----------------------------------------------------------
 
 
+class _PolynomialModel:
+    """A prediction that is a polynomial of ``degree`` in λ (x̂₀ for ``"data"``, ε̂ for ``"noise"``; the model
+    returns ε̂) on ``usf``'s grid, and the exact exponential-integrator step it implies, by hand: data
+    x_t = (σ_t/σ_s)x_s + σ_t∫e^u P with ∫e^u P = e^u Σ (−1)^d P⁽ᵈ⁾; noise x_t = (α_t/α_s)x_s − α_t∫e^{−u} Q with
+    ∫e^{−u} Q = −e^{−u} Σ Q⁽ᵈ⁾."""
+
+    def __init__(self, usf: USFScheduler, prediction: str, degree: int, seed: int):
+        self.prediction, self.degree = prediction, degree
+        self.lam, self.alpha, self.sig = (np.asarray(v, dtype=float) for v in (usf._lambda, usf._alpha, usf._sig))
+        g = torch.Generator().manual_seed(seed)
+        self.coeffs = [0.3 * torch.randn(SHAPE, generator=g, dtype=torch.float64) / (k + 1) for k in range(degree + 1)]
+
+    def poly(self, u: float, derivative: int = 0) -> torch.Tensor:
+        out = torch.zeros(SHAPE, dtype=torch.float64)
+        for k in range(derivative, self.degree + 1):
+            out = out + math.perm(k, derivative) * u ** (k - derivative) * self.coeffs[k]
+        return out
+
+    def __call__(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        p = self.poly(self.lam[i])
+        return p if self.prediction == "noise" else (x - self.alpha[i] * p) / self.sig[i]
+
+    def exact(self, x: torch.Tensor, s: int, t: int) -> torch.Tensor:
+        lam, alpha, sig = self.lam, self.alpha, self.sig
+        sign = -1.0 if self.prediction == "data" else 1.0
+        terms = [sum((sign**d) * self.poly(lam[k], d) for d in range(self.degree + 1)) for k in (s, t)]
+        if self.prediction == "data":
+            return (sig[t] / sig[s]) * x + sig[t] * (math.exp(lam[t]) * terms[1] - math.exp(lam[s]) * terms[0])
+        return (alpha[t] / alpha[s]) * x - alpha[t] * (-math.exp(-lam[t]) * terms[1] + math.exp(-lam[s]) * terms[0])
+
+
 @pytest.mark.parametrize("prediction", ["data", "noise"])
 def test_order_4_is_exact_when_the_prediction_is_a_cubic_in_lambda(prediction):
     """USF's order-p update is the exponential integrator's Taylor expansion: with a prediction that is a
@@ -649,29 +680,8 @@ def test_order_4_is_exact_when_the_prediction_is_a_cubic_in_lambda(prediction):
     usf = USFScheduler(grid="logsnr_uniform", final_sigmas_type="sigma_min")
     usf.set_timesteps(8)
     grid = tuple(usf._t)
-    lam, alpha, sig = (np.asarray(v, dtype=float) for v in (usf._lambda, usf._alpha, usf._sig))
-    g = torch.Generator().manual_seed(3)
-    coeffs = [0.3 * torch.randn(SHAPE, generator=g, dtype=torch.float64) / (k + 1) for k in range(4)]
-
-    def poly(u: float, derivative: int = 0) -> torch.Tensor:
-        out = torch.zeros(SHAPE, dtype=torch.float64)
-        for k in range(derivative, 4):
-            out = out + math.perm(k, derivative) * u ** (k - derivative) * coeffs[k]
-        return out
-
-    def model(x: torch.Tensor, i: int) -> torch.Tensor:  # ε, so that the chosen prediction is the cubic
-        if prediction == "noise":
-            return poly(lam[i])
-        return (x - alpha[i] * poly(lam[i])) / sig[i]
-
-    def exact(x: torch.Tensor, s: int, t: int) -> torch.Tensor:
-        if prediction == "data":
-            antiderivative = [math.exp(lam[k]) * (poly(lam[k]) - poly(lam[k], 1) + poly(lam[k], 2) - poly(lam[k], 3))
-                              for k in (s, t)]  # fmt: skip
-            return (sig[t] / sig[s]) * x + sig[t] * (antiderivative[1] - antiderivative[0])
-        antiderivative = [-math.exp(-lam[k]) * (poly(lam[k]) + poly(lam[k], 1) + poly(lam[k], 2) + poly(lam[k], 3))
-                          for k in (s, t)]  # fmt: skip
-        return (alpha[t] / alpha[s]) * x - alpha[t] * (antiderivative[1] - antiderivative[0])
+    model = _PolynomialModel(usf, prediction, degree=3, seed=3)
+    exact = model.exact
 
     def step_error(order: int) -> float:
         steps = [SolverStep(1, prediction), SolverStep(2, prediction), SolverStep(3, prediction)]
@@ -748,28 +758,8 @@ def test_chosen_active_points_are_exact_on_a_polynomial_of_lower_degree(predicti
     usf = USFScheduler(grid="logsnr_uniform", final_sigmas_type="sigma_min")
     usf.set_timesteps(8)
     grid = tuple(usf._t)
-    lam, alpha, sig = (np.asarray(v, dtype=float) for v in (usf._lambda, usf._alpha, usf._sig))
-    g = torch.Generator().manual_seed(5)
-    coeffs = [0.3 * torch.randn(SHAPE, generator=g, dtype=torch.float64) / (k + 1) for k in range(degree + 1)]
-
-    def poly(u: float, derivative: int = 0) -> torch.Tensor:
-        out = torch.zeros(SHAPE, dtype=torch.float64)
-        for k in range(derivative, degree + 1):
-            out = out + math.perm(k, derivative) * u ** (k - derivative) * coeffs[k]
-        return out
-
-    def model(x: torch.Tensor, i: int) -> torch.Tensor:
-        if prediction == "noise":
-            return poly(lam[i])
-        return (x - alpha[i] * poly(lam[i])) / sig[i]
-
-    def exact(x: torch.Tensor, s: int, t: int) -> torch.Tensor:
-        sign = -1.0 if prediction == "data" else 1.0
-        terms = [sum((sign**d) * poly(lam[k], d) for d in range(degree + 1)) for k in (s, t)]
-        if prediction == "data":  # ∫e^u P = e^u Σ (−1)^d P⁽ᵈ⁾
-            return (sig[t] / sig[s]) * x + sig[t] * (math.exp(lam[t]) * terms[1] - math.exp(lam[s]) * terms[0])
-        # ∫e^{−u} Q = −e^{−u} Σ Q⁽ᵈ⁾
-        return (alpha[t] / alpha[s]) * x - alpha[t] * (-math.exp(-lam[t]) * terms[1] + math.exp(-lam[s]) * terms[0])
+    model = _PolynomialModel(usf, prediction, degree, seed=5)
+    exact = model.exact
 
     def step_error(chosen: tuple[int, ...]) -> float:
         order = len(chosen) + 1
@@ -830,27 +820,10 @@ def test_usf_pseudo_corrector_is_the_taylor_update_one_order_higher(prediction, 
     usf = USFScheduler(grid="logsnr_uniform", final_sigmas_type="sigma_min")
     usf.set_timesteps(8)
     grid = tuple(usf._t)
-    lam, alpha, sig = (np.asarray(v, dtype=float) for v in (usf._lambda, usf._alpha, usf._sig))
 
     def corrected_error(degree: int, kind: str) -> float:
-        g = torch.Generator().manual_seed(7)
-        coeffs = [0.3 * torch.randn(SHAPE, generator=g, dtype=torch.float64) / (k + 1) for k in range(degree + 1)]
-
-        def poly(u: float, derivative: int = 0) -> torch.Tensor:
-            out = torch.zeros(SHAPE, dtype=torch.float64)
-            for k in range(derivative, degree + 1):
-                out = out + math.perm(k, derivative) * u ** (k - derivative) * coeffs[k]
-            return out
-
-        def model(x: torch.Tensor, i: int) -> torch.Tensor:
-            return poly(lam[i]) if prediction == "noise" else (x - alpha[i] * poly(lam[i])) / sig[i]
-
-        def exact(x: torch.Tensor, s: int, t: int) -> torch.Tensor:
-            sign = -1.0 if prediction == "data" else 1.0
-            terms = [sum((sign**d) * poly(lam[k], d) for d in range(degree + 1)) for k in (s, t)]
-            if prediction == "data":
-                return (sig[t] / sig[s]) * x + sig[t] * (math.exp(lam[t]) * terms[1] - math.exp(lam[s]) * terms[0])
-            return (alpha[t] / alpha[s]) * x - alpha[t] * (-math.exp(-lam[t]) * terms[1] + math.exp(-lam[s]) * terms[0])
+        model = _PolynomialModel(usf, prediction, degree, seed=7)
+        exact = model.exact
 
         steps = [SolverStep(min(k + 1, order), prediction, True, corrector_kind=kind) for k in range(7)]
         scheduler = USFScheduler.from_schedule(SolverSchedule(grid, (*steps, SolverStep(1, prediction))), usf.config)
