@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 import torch
@@ -46,6 +46,39 @@ def _postgres_unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
+def _drop_database(admin: Any, name: str, version: tuple[int, ...]) -> None:
+    """Drop the test database, retrying while a server process (autovacuum, a closing connection) holds it.
+
+    ``WITH (FORCE)`` terminates the database's other backends, which a non-superuser may not do to a
+    process of another role (an autovacuum worker): that is retried, then the plain drop, and a
+    database that still cannot be dropped is a warning naming it, not a failed test.
+    """
+    import time
+    import warnings
+
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    force = " WITH (FORCE)" if version >= (13,) else ""
+    error: Exception | None = None
+    for attempt in range(10):
+        try:
+            with admin.connect() as connection:
+                if not force:  # pragma: no cover - PostgreSQL 12 and older
+                    connection.execute(
+                        text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
+                        {"name": name},
+                    )
+                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"{force if attempt % 2 == 0 else ""}'))
+            break
+        except SQLAlchemyError as exc:
+            error = exc
+            time.sleep(0.2 * (attempt + 1))
+    else:
+        warnings.warn(f"could not drop the test database {name}: {error}", stacklevel=2)
+    admin.dispose()
+
+
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """The URL of a fresh, empty PostgreSQL database on the server of $DIFFTUNE_TEST_POSTGRES_URL, dropped afterwards.
@@ -81,15 +114,7 @@ def postgres_url() -> Iterator[str]:
     try:
         yield server.set(database=name).render_as_string(hide_password=False)
     finally:
-        with admin.connect() as connection:
-            if version >= (13,):
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            else:  # pragma: no cover - PostgreSQL 12 and older
-                connection.execute(
-                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"),
-                    {"name": name},
-                )
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        _drop_database(admin, name, version)
         admin.dispose()
 
 
