@@ -16,9 +16,11 @@ On the embedded model, for each NFE in ``nfes`` (4, 5, 8):
   MSE ÷ DPM-Solver++'s (target ≤ 0.15, must ≤ 0.3)
   and ÷ UniPC's (target ≤ 0.2, must ≤ 0.35); the detail gives the tuned and baseline calibration
   class accuracy and sharpness;
-- **free placement**: the winner's timesteps polished (:func:`difftune.search.polish.polish_timesteps`,
-  ``polish`` Nelder–Mead runs, 150; 0 = off) on ``polish_samples`` calibration samples (40, a superset
-  of the studies' 10, none held-out) against the same 200 steps, and re-run on the held-out seeds;
+- **continuous fit**: the ``refine_top`` (3) best searched schedules of distinct discrete structure (all
+  searchers' studies; baselines and seeds excluded) get their timesteps, relaxation factors and DC ratios
+  fitted by CMA-ES (:func:`difftune.search.polish.polish_schedule`, ``polish`` runs each, 300; 0 = off) on
+  ``polish_samples`` calibration samples (40, a superset of the studies' 10, none held-out) against the
+  same 200 steps; the one with the lowest calibration MSE is re-run on the held-out seeds;
 - **evaluations to reach**: for each searcher, its searched full evaluations (after the baselines,
   which every study evaluates first) until one's calibration PSNR first reaches the level every
   searcher reached (the lowest of the three searched bests);
@@ -91,8 +93,9 @@ def bench_solver(
     storage_dir: str | None = None,
     ems: int = 64,
     objectives: Sequence[str] = ("psnr", "class_accuracy"),
-    polish: int = 150,
+    polish: int = 300,
     polish_samples: int = 40,
+    refine_top: int = 3,
 ) -> list[Figure]:
     """See the module docstring."""
     import difftune
@@ -147,15 +150,8 @@ def bench_solver(
             tuned_mse = _mse(_images(pipe, tuned, held), reference)
             polished = None
             if polish:
-                from difftune.search.ems import compute_ems, ems_samples
-                from difftune.search.polish import polish_timesteps
-
-                pool = [Sample(i % 10, i) for i in range(polish_samples)]  # the studies' 10 and more, never held-out
-                stats = None
-                if any(s.prediction == "v3" for s in tuned.steps):
-                    stats = compute_ems(pipe, ems_samples(calibration, ems or 64))
-                polished = polish_timesteps(
-                    pipe, tuned, pool, reference_steps=reference_steps, evaluations=polish, ems=stats
+                polished, polish_note = _fit_knobs(
+                    pipe, studies, refine_top, polish, polish_samples, reference_steps, seed, calibration, ems
                 )
                 polished_mse = _mse(_images(pipe, polished.schedule, held), reference)
             for method, label, target, must in (
@@ -184,14 +180,11 @@ def bench_solver(
                 if polished is not None:
                     figures.append(
                         Figure(
-                            f"NFE {n}: tuned + free timestep placement, MSE ÷ {label}'s (held-out)",
+                            f"NFE {n}: tuned + fitted timesteps, relaxations and DC ratios, MSE ÷ {label}'s (held-out)",
                             polished_mse / base_mse if base_mse > 0 else math.nan,
                             target,
-                            f"must ≤ {must}; the winner's timesteps moved by Nelder–Mead ({polished.evaluations} "
-                            f"runs, {polished.seconds:.0f} s) on {polish_samples} calibration samples against "
-                            f"{reference_steps} steps: calibration MSE {polished.initial_mse:.3g} → "
-                            f"{polished.final_mse:.3g}; held-out {tuned_mse:.3g} → {polished_mse:.3g} vs "
-                            f"{base_mse:.3g}; timesteps {[round(t, 1) for t in polished.schedule.timesteps]}",
+                            f"must ≤ {must}; {polish_note}; held-out {polished_mse:.3g} vs {base_mse:.3g}; timesteps "
+                            f"{[round(t, 1) for t in polished.schedule.timesteps]}",
                         )
                     )
             level = min(t.values()["psnr"] for t in found.values())
@@ -253,6 +246,67 @@ def bench_solver(
                 )
             )
     return figures
+
+
+def _structure(schedule: Any) -> tuple[Any, ...]:
+    """A schedule's discrete decisions (what the continuous fit keeps)."""
+    steps = tuple((s.order, s.prediction, s.corrector, s.corrector_kind, s.points) for s in schedule.steps)
+    return (steps, schedule.analytic_first, schedule.final_sigma, schedule.first_x0 is not None)
+
+
+def _fit_knobs(
+    pipe: Any,
+    studies: dict[str, list[Any]],
+    top: int,
+    evaluations: int,
+    pool_size: int,
+    reference_steps: int,
+    seed: int,
+    calibration: Sequence[Any],
+    ems: int,
+) -> tuple[Any, str]:
+    """The continuous fit (:func:`~difftune.search.polish.polish_schedule`) of the ``top`` searched schedules of
+    distinct discrete structure (by calibration PSNR, all searchers' studies together); the one with the lowest
+    calibration MSE after its fit, and a note saying where it came from."""
+    from difftune.accel.solver import SolverSchedule
+    from difftune.evaluators import Sample
+    from difftune.search.ems import compute_ems, ems_samples
+    from difftune.search.polish import polish_schedule
+
+    searched = [
+        (t.values()["psnr"], name, t)
+        for name, trials in studies.items()
+        for t in trials
+        if t.kind in ("searched", "retry") and t.values().get("psnr") is not None
+    ]
+    searched.sort(key=lambda row: -row[0])
+    chosen: list[tuple[str, Any, Any]] = []
+    seen: set[tuple[Any, ...]] = set()
+    for _, name, trial in searched:
+        schedule = SolverSchedule.from_dict(trial.config["profile"]["solver"])
+        if _structure(schedule) not in seen:
+            seen.add(_structure(schedule))
+            chosen.append((name, trial, schedule))
+        if len(chosen) == top:
+            break
+    pool = [Sample(i % 10, i) for i in range(pool_size)]  # the studies' 10 and more, never held-out
+    stats = None
+    results = []
+    for name, trial, schedule in chosen:
+        if stats is None and any(s.prediction == "v3" for s in schedule.steps):
+            stats = compute_ems(pipe, ems_samples(calibration, ems or 64))
+        fit = polish_schedule(
+            pipe, schedule, pool, reference_steps=reference_steps, evaluations=evaluations, seed=seed, ems=stats
+        )
+        results.append((fit.final_mse, name, trial, fit))
+    _, name, trial, best = min(results, key=lambda row: row[0])
+    note = (
+        f"CMA-ES ({evaluations} runs each, {pool_size} calibration samples vs {reference_steps} steps) on the "
+        f"top {len(results)} searched schedules of distinct structure: calibration MSE "
+        + ", ".join(f"{r[1]} trial {r[2].number} {r[3].initial_mse:.3g} → {r[3].final_mse:.3g}" for r in results)
+        + f"; kept {name} trial {trial.number} ({best.seconds:.0f} s)"
+    )
+    return best, note
 
 
 def _images_plain(pipe: Any, samples: Sequence[Any], steps: int) -> Any:
