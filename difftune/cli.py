@@ -864,6 +864,19 @@ def export(
     width: Annotated[
         int | None, typer.Option(min=8, help="Export for another image width (candidates re-measured at it).")
     ] = None,
+    fit: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Before re-measuring a candidate with a solver schedule, fit its timesteps, relaxation factors and "
+            "DC ratios by CMA-ES with this many pipeline runs (e.g. 300; 0 = off) on calibration samples against the "
+            "study's reference; the held-out figures are then the fitted schedule's.",
+        ),
+    ] = 0,
+    fit_samples: Annotated[
+        int,
+        typer.Option(min=1, help="Calibration samples of --fit (40; with a study's 10 the fit follows their noise)."),
+    ] = 40,
 ) -> None:
     """Write the profile of the Pareto point --select picks, re-measured on held-out samples.
 
@@ -896,6 +909,8 @@ def export(
                 guidance_scale=guidance_scale,
                 height=height,
                 width=width,
+                fit=fit,
+                fit_samples=fit_samples,
             )
     finally:
         store.close()
@@ -925,6 +940,16 @@ def export(
                 f"moved to another call ({changes}): the held-out figures are measured there, against the plain "
                 "pipeline in that call; the calibration figures are the study's",
                 highlight=False,
+            )
+        fitted = result.profile.provenance.get("fitted")
+        if fitted:
+            before, after = fitted["calibration_mse"]
+            console.print(
+                f"fitted: {', '.join(fitted['knobs'])} by CMA-ES, {fitted['evaluations']} runs on {fitted['samples']} "
+                f"calibration samples vs {fitted['reference_steps']} steps: MSE {before:.3g} → {after:.3g}; the "
+                "held-out figures are the fitted schedule's (the study's calibration figures are the unfitted one's)",
+                highlight=False,
+                soft_wrap=True,
             )
     else:
         values = result.calibration

@@ -425,6 +425,8 @@ def export_point(
     guidance_scale: float | None = None,
     height: int | None = None,
     width: int | None = None,
+    fit: int = 0,
+    fit_samples: int = 40,
 ) -> ExportResult:
     """Write the profile of the Pareto point ``select`` picks from ``study``, re-measured on held-out samples.
 
@@ -457,6 +459,14 @@ def export_point(
             same way: the candidates are re-measured in that call (against the plain pipeline in it)
             and the profile's context says it; the provenance's ``transferred`` lists every change as
             ``[study's, new]``.
+        fit: before a candidate with a solver schedule is re-measured, fit its timesteps, relaxation factors and
+            DC ratios by CMA-ES with this many pipeline runs (:func:`difftune.search.polish.polish_schedule`;
+            0 = off) on ``fit_samples`` calibration-split samples against the plain pipeline at the study's
+            reference steps (its ``reference_steps``, else 200). The held-out figures are then the fitted
+            schedule's, the profile carries no calibration figures (the study measured the unfitted one) and
+            its provenance's ``fitted`` says what was fitted; the study's stored figures are left as they are.
+            Needs ``validate``.
+        fit_samples: calibration samples of the fit (40: with a study's 10 the fit follows their noise).
 
     Raises:
         StoreError: unknown study; no point satisfies ``select`` on calibration samples, or none of the
@@ -483,6 +493,11 @@ def export_point(
         or not math.isfinite(guidance_scale)
     ):
         raise DifftuneError(f"--guidance-scale: expected a finite number, got {guidance_scale!r}")
+    for option, count, least in (("--fit", fit, 0), ("--fit-samples", fit_samples, 1)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < least:
+            raise DifftuneError(f"{option}: expected an integer >= {least}, got {count!r}")
+    if fit and not validate:
+        raise DifftuneError("--fit: a fitted schedule must be re-measured on held-out samples; drop --no-validate")
     asked = {"num_inference_steps": steps, "guidance_scale": guidance_scale, "height": height, "width": width}
     if not validate and any(v is not None for v in asked.values()):
         raise DifftuneError(
@@ -531,6 +546,7 @@ def export_point(
         seeds: tuple[int, ...] = ()
         chosen: list[Any] = []
         tried: list[Any] = []
+        fits: dict[int, tuple[Any, dict[str, Any]]] = {}  # trial id → (fitted profile, provenance entry)
         if validate:
             assert pipe is not None
             n = samples or int(reference_info.get("samples") or 0) or 20
@@ -543,8 +559,14 @@ def export_point(
                     f"re-measuring trial {candidate.number} (candidate {index + 1} of {len(ranked)}) on "
                     f"{len(chosen)} held-out samples …"
                 )
-                measured = _measure(pipe, profile_of(candidate), chosen, settings, candidate.values(), latency_repeats)
-                if transfer:  # figures in another call: not the study's held-out figures
+                profile = profile_of(candidate)
+                if fit and profile.solver is not None:
+                    say(f"fitting trial {candidate.number}'s timesteps, relaxations and DC ratios ({fit} runs) …")
+                    fits[candidate.id] = _fit_solver(pipe, profile, settings, fit, fit_samples)
+                    profile = fits[candidate.id][0]
+                measured = _measure(pipe, profile, chosen, settings, candidate.values(), latency_repeats)
+                # figures in another call, or of the fitted schedule: not the study's held-out figures of this trial
+                if transfer or candidate.id in fits:
                     candidate = dataclasses.replace(candidate, metrics=tuple(MetricRecord.collect(measured, HELD_OUT)))
                 else:
                     candidate = store.record_metrics(candidate.id, measured, split=HELD_OUT, replace=True)
@@ -562,8 +584,10 @@ def export_point(
                     HELD_OUT,
                     what=f" on held-out samples (tried {names}; nothing written)",
                 )
-        profile = profile_of(point)
-        calibration = store.get_trial(point.id).values() if transfer else point.values()
+        profile = fits[point.id][0] if point.id in fits else profile_of(point)
+        calibration = store.get_trial(point.id).values() if transfer or point.id in fits else point.values()
+        if point.id in fits:  # the study's calibration figures are the unfitted schedule's
+            calibration = {}
 
         metrics: dict[str, dict[str, Any]] = {}
         if validate:
@@ -586,6 +610,8 @@ def export_point(
         if transfer:
             # the held-out figures are in the new call, the calibration ones in the study's: [study's, new]
             provenance["transferred"] = moved
+        if point.id in fits:
+            provenance["fitted"] = fits[point.id][1]
         name = profile.name or f"trial {point.number}"
         profile = dataclasses.replace(profile, name=f"{record.name}: {name}", metrics=metrics, provenance=provenance)
 
@@ -691,6 +717,39 @@ def _goal_metric(select: str, records: Sequence[Any]) -> str:
     return "speedup" if any("speedup" in r.values(HELD_OUT) for r in records) else "latency_ms"
 
 
+def _fit_solver(pipe: Any, profile: Any, settings: Any, evaluations: int, samples: int) -> tuple[Any, dict[str, Any]]:
+    """``profile`` with its solver schedule's continuous knobs fitted, and what the provenance says of the fit."""
+    from difftune.search.polish import polish_schedule
+
+    schedule = profile.solver
+    steps = int(settings.reference_steps or 200)
+    pool = settings.samples_for(pipe, samples)  # calibration split: never the held-out seeds
+    call = settings.call_kwargs(pipe)
+    stats = None
+    if any(step.prediction == "v3" for step in schedule.steps):
+        from difftune.search.ems import compute_ems, ems_samples
+
+        # the study's statistics (cached on disk per model and call), as run_study computes them
+        stats = compute_ems(
+            pipe,
+            ems_samples(pool, int(settings.ems or 64)),
+            guidance_scale=settings.guidance_scale,
+            call_kwargs={k: v for k, v in call.items() if k != "guidance_scale"},
+            batch_size=settings.images_per_call(),
+        )
+    result = polish_schedule(
+        pipe, schedule, pool, reference_steps=steps, evaluations=evaluations, ems=stats, call_kwargs=call
+    )
+    entry = {
+        "knobs": list(result.knobs),
+        "evaluations": result.evaluations,
+        "samples": len(pool),
+        "reference_steps": steps,
+        "calibration_mse": [result.initial_mse, result.final_mse],
+    }
+    return dataclasses.replace(profile, solver=result.schedule), entry
+
+
 def _settings_of(record: Any) -> Any:
     """The study's settings; a study without them (made outside ``calibrate``) gets the defaults."""
     from difftune.search.settings import StudySettings
@@ -746,7 +805,10 @@ def _measure(
     names = list(settings.metrics or calibration)
     call = settings.call_kwargs(pipe)
     per_call = min(settings.batch_size or len(chosen), len(chosen))
-    reference = Reference.from_pipeline(pipe, num_inference_steps=steps, batch_size=per_call, **call)
+    # the study's reference: images at its reference_steps (when set), timing against the served steps
+    reference = Reference.from_pipeline(
+        pipe, num_inference_steps=steps, batch_size=per_call, image_steps=settings.reference_steps, **call
+    )
     statistic = "median" if device_type(str(getattr(pipe, "device", "cpu"))) == "cuda" else "paired"
     handle = apply_profile(pipe, profile)
     try:

@@ -136,7 +136,7 @@ def test_weights_changed_since_the_study_is_an_error(study_db, tmp_path, embedde
 
 
 def _study_with(
-    tmp_path: Path, pipe, sections: dict, space: str = "solver", memory: bool = False
+    tmp_path: Path, pipe, sections: dict, space: str = "solver", memory: bool = False, **settings
 ) -> tuple[str, object]:
     """A store holding one complete trial of ``sections`` (calibration figures made up) in study 'p'."""
     url = f"sqlite:///{tmp_path / 'p.db'}"
@@ -155,6 +155,7 @@ def _study_with(
                 "num_inference_steps": STEPS,
                 "samples": 2,
                 "metrics": ["psnr", *(["weight_memory_mb"] if memory else [])],
+                **settings,
             },
         )
         trial = store.add_trial(study.id, {}, config={"profile": profile.to_dict()})
@@ -399,3 +400,31 @@ def test_dpm_solver_v3_steps_have_no_diffusers_equivalent(embedded_pipe):
     )
     pieces = diffusers_pieces(profile, embedded_pipe)
     assert "solver" not in pieces.expressible and "DPM-Solver-v3" in pieces.not_expressible["solver"]
+
+
+def test_export_fit_fits_the_solver_knobs_and_re_measures_the_fitted_schedule(tmp_path, embedded_pipe):
+    schedule = SolverSchedule.from_scheduler(embedded_pipe.scheduler, STEPS)  # DPM-Solver++(2M)'s steps
+    url, _ = _study_with(tmp_path, embedded_pipe, {"solver": schedule}, reference_steps=40)
+    with pytest.raises(DifftuneError, match="--fit"):
+        export_point(url, "p", "best psnr", tmp_path / "x.json", validate=False, fit=10)
+    out = tmp_path / "fitted.json"
+    result = export_point(url, "p", "best psnr", out, pipeline=embedded_pipe, latency_repeats=1, fit=30, fit_samples=4)
+    profile = difftune.load_profile(out)
+    fitted = profile.provenance["fitted"]
+    assert fitted["evaluations"] == 30 and fitted["samples"] == 4 and fitted["reference_steps"] == 40
+    before, after = fitted["calibration_mse"]
+    assert after < before
+    # the discrete decisions stay, the continuous ones moved
+    assert profile.solver != schedule
+    assert [(s.order, s.prediction, s.corrector) for s in profile.solver.steps] == [
+        (s.order, s.prediction, s.corrector) for s in schedule.steps
+    ]
+    # held-out figures of the fitted schedule; no calibration figures (the study measured the unfitted one)
+    assert profile.metrics["psnr"]["split"] == "held_out" and "calibration" not in profile.metrics["psnr"]
+    assert result.held_out["psnr"] == profile.metrics["psnr"]["value"]
+    with get_store(url) as store:  # the trial's own held-out figures are not the fitted schedule's
+        assert store.get_trial(result.trial.id).values(HELD_OUT) == {}
+    plain = export_point(url, "p", "best psnr", tmp_path / "plain.json", pipeline=embedded_pipe, latency_repeats=1)
+    assert "fitted" not in plain.profile.provenance
+    # on held-out seeds the fitted schedule is closer to the 40-step reference than the one it came from
+    assert result.held_out["psnr"] > plain.held_out["psnr"], (result.held_out, plain.held_out)
