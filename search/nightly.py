@@ -102,6 +102,9 @@ class ProfileJob:
     space: str
     select: str
     format: str = "difftune"
+    #: CMA-ES runs fitting a solver schedule's timesteps, relaxations and DC ratios before the held-out
+    #: re-measure (``export --fit``); 0 = off.
+    fit: int = 0
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ def _positive(value: Any, where: str, kind: Any = int) -> Any:
 
 
 _SPACE_KEYS = {"space", "budget", "searcher", "objectives", "constraints", "nfe_range", "ems"}
-_PROFILE_KEYS = {"name", "space", "select", "format"}
+_PROFILE_KEYS = {"name", "space", "select", "format", "fit"}
 _MODEL_KEYS = {
     "name",
     "model",
@@ -268,7 +271,10 @@ def _profile_job(table: Any, where: str, spaces: Sequence[str]) -> ProfileJob:
         raise ConfigError(
             f"{where}.format: {fmt!r}; a nightly profile is written as one of {', '.join(NIGHTLY_FORMATS)}"
         )
-    return ProfileJob(name=name, space=space, select=select, format=fmt)
+    fit = table.get("fit", 0)
+    if type(fit) is not int or fit < 0:
+        raise ConfigError(f"{where}.fit: expected the number (>= 0, 0 = off) of CMA-ES runs of the fit, got {fit!r}")
+    return ProfileJob(name=name, space=space, select=select, format=fmt, fit=fit)
 
 
 def _model_job(table: Any, where: str, base: Path) -> ModelJob:
@@ -925,6 +931,7 @@ def _export(
             samples=job.held_out_samples or job.samples,
             latency_repeats=job.latency_repeats,
             pipeline=pipe,
+            fit=profile_job.fit,
         )
     except DifftuneError as exc:
         kept = _deployed(cfg, job, profile_job)

@@ -66,6 +66,7 @@ def write(tmp_path: Path, text: str = CONFIG) -> Path:
         (('space = "cache"\nbudget', 'space = "cahce"\nbudget'), "spaces[0].space"),
         (("flops_ratio<=0.7", "flops_ratio<<0.7"), "profiles[0].select"),
         (('space = "cache"\nselect', 'space = "solver"\nselect'), "is not searched for this model"),
+        (('select = "best psnr where flops_ratio<=0.7"', 'select = "best psnr"\nfit = -5'), "profiles[0].fit"),
         (("speedup = 0.9", "speedup = -1"), "tolerance.speedup"),
         (("[tolerance]", "[tolerance]\nfrobs = 1"), "tolerance.frobs"),
         (('model = "embedded"', 'model = "./no/such/model"'), "does not exist"),
@@ -90,6 +91,7 @@ def test_the_example_configuration_loads():
     assert [s.space for s in model.spaces] == ["cache", "solver"]
     assert [s.ems for s in model.spaces] == [0, 64]
     assert [p.name for p in model.profiles] == ["balanced", "fast"]
+    assert [p.fit for p in model.profiles] == [0, 300]
     assert cfg.output == (REPO / "nightly").resolve()
     assert cfg.storage == f"sqlite:///{cfg.output / 'difftune.db'}"
 
