@@ -153,7 +153,8 @@ def bench_solver(
                 polished, polish_note = _fit_knobs(
                     pipe, studies, refine_top, polish, polish_samples, reference_steps, seed, calibration, ems
                 )
-                polished_mse = _mse(_images(pipe, polished.schedule, held), reference)
+                polished_images = _images(pipe, polished.schedule, held)
+                polished_mse = _mse(polished_images, reference)
             for method, label, target, must in (
                 ("dpmsolver++", "DPM-Solver++(2M)", "<= 0.15", 0.3),
                 ("unipc", "UniPC", "<= 0.2", 0.35),
@@ -162,7 +163,8 @@ def bench_solver(
                 if base is None:
                     continue
                 schedule = SolverSchedule.from_dict(base.config["profile"]["solver"])
-                base_mse = _mse(_images(pipe, schedule, held), reference)
+                base_images = _images(pipe, schedule, held)
+                base_mse = _mse(base_images, reference)
                 tv, bv = winner.values(), base.values()
                 accuracy = f"{tv.get('class_accuracy', math.nan):.2f} vs {bv.get('class_accuracy', math.nan):.2f}"
                 sharpness = f"{tv.get('sharpness', math.nan):.3g} vs {bv.get('sharpness', math.nan):.3g}"
@@ -183,7 +185,8 @@ def bench_solver(
                             f"NFE {n}: tuned + fitted timesteps, relaxations and DC ratios, MSE ÷ {label}'s (held-out)",
                             polished_mse / base_mse if base_mse > 0 else math.nan,
                             target,
-                            f"must ≤ {must}; {polish_note}; held-out {polished_mse:.3g} vs {base_mse:.3g}; timesteps "
+                            f"must ≤ {must}; {polish_note}; held-out {polished_mse:.3g} vs {base_mse:.3g}; held-out "
+                            f"{_guards(polished_images, base_images, reference, held)}; timesteps "
                             f"{[round(t, 1) for t in polished.schedule.timesteps]}",
                         )
                     )
@@ -246,6 +249,29 @@ def bench_solver(
                 )
             )
     return figures
+
+
+def _guards(tuned: Any, base: Any, reference: Any, samples: Sequence[Any]) -> str:
+    """Held-out class accuracy and sharpness (vs the reference images) of ``tuned`` beside ``base``."""
+    import torch
+
+    from difftune.evaluators.conditioning import ClassAccuracy
+    from difftune.evaluators.sharpness import sharpness_per_image
+
+    labels = torch.tensor([int(s.condition) for s in samples])
+
+    def accuracy(images: Any) -> float:
+        metric = ClassAccuracy()
+        metric.update(images, labels)
+        return float(metric.compute())
+
+    def sharp(images: Any) -> float:
+        return float(sharpness_per_image(images, reference).mean())
+
+    return (
+        f"class accuracy {accuracy(tuned):.3f} vs {accuracy(base):.3f}, sharpness {sharp(tuned):.3f} vs "
+        f"{sharp(base):.3f} (tuned vs baseline)"
+    )
 
 
 def _structure(schedule: Any) -> tuple[Any, ...]:
