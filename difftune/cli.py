@@ -196,7 +196,8 @@ def bench(
             help="Which benchmark: runtime (hooks, solver, SADA, masks), front (tuned vs baseline fronts, "
             "minutes), store (searcher and store overhead, 100k-trial front query), search (random vs seeded "
             "and screened NSGA-II on ECAD's genome, each space's best point; ~15 minutes), solver (tuned schedules vs "
-            "DPM-Solver++ / UniPC at NFE 4, 5, 8, tpe vs evo vs s3, DC ratios fitted and CPR-predicted; ~15 minutes), "
+            "DPM-Solver++ / UniPC at NFE 4, 5, 8, before and after the continuous fit, tpe vs evo vs s3, DC "
+            "ratios fitted and CPR-predicted; ~30 minutes), "
             "joint (solver × cache × SADA × quantization vs the four single spaces at equal evaluations, naive "
             "stacks vs the joint front, SADA tuned vs τ = 0 at 50 steps, the quant front; ~20 minutes)."
         ),
