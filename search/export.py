@@ -461,8 +461,9 @@ def export_point(
             ``[study's, new]``.
         fit: before a candidate with a solver schedule is re-measured, fit its timesteps, relaxation factors and
             DC ratios by CMA-ES with this many pipeline runs (:func:`difftune.search.polish.polish_schedule`;
-            0 = off) on ``fit_samples`` calibration-split samples against the plain pipeline at the study's
-            reference steps (its ``reference_steps``, else 200). The held-out figures are then the fitted
+            0 = off) on ``fit_samples`` calibration-split samples against the images the study's figures are
+            measured against (the plain pipeline at its ``reference_steps``, else at its steps; a study run
+            with ``--reference-steps 200`` fits towards the ODE's solution). The held-out figures are then the fitted
             schedule's, the profile carries no calibration figures (the study measured the unfitted one) and
             its provenance's ``fitted`` says what was fitted; the study's stored figures are left as they are.
             Needs ``validate``.
@@ -722,7 +723,8 @@ def _fit_solver(pipe: Any, profile: Any, settings: Any, evaluations: int, sample
     from difftune.search.polish import polish_schedule
 
     schedule = profile.solver
-    steps = int(settings.reference_steps or 200)
+    # the images the study's figures are measured against: its reference_steps, else its served steps
+    steps = int(settings.reference_steps or settings.num_inference_steps or profile.context.num_inference_steps)
     pool = settings.samples_for(pipe, samples)  # calibration split: never the held-out seeds
     call = settings.call_kwargs(pipe)
     stats = None
