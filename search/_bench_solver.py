@@ -20,7 +20,9 @@ On the embedded model, for each NFE in ``nfes`` (4, 5, 8):
   searchers' studies; baselines and seeds excluded) get their timesteps, relaxation factors and DC ratios
   fitted by CMA-ES (:func:`difftune.search.polish.polish_schedule`, ``polish`` runs each, 300; 0 = off) on
   ``polish_samples`` calibration samples (40, a superset of the studies' 10, none held-out) against the
-  same 200 steps; the one with the lowest calibration MSE is re-run on the held-out seeds;
+  same 200 steps, keeping the sharper baseline's calibration sharpness (``min_sharpness``); the one with
+  the lowest calibration MSE among those that keep it is re-run on the held-out seeds, with its held-out
+  class accuracy and sharpness beside the baselines';
 - **evaluations to reach**: for each searcher, its searched full evaluations (after the baselines,
   which every study evaluates first) until one's calibration PSNR first reaches the level every
   searcher reached (the lowest of the three searched bests);
@@ -150,8 +152,22 @@ def bench_solver(
             tuned_mse = _mse(_images(pipe, tuned, held), reference)
             polished = None
             if polish:
+                guard_schedules = [
+                    SolverSchedule.from_dict(base.config["profile"]["solver"])
+                    for key, base in baselines.items()
+                    if key in (f"dpmsolver++_nfe{n}", f"unipc_nfe{n}")
+                ]
                 polished, polish_note = _fit_knobs(
-                    pipe, studies, refine_top, polish, polish_samples, reference_steps, seed, calibration, ems
+                    pipe,
+                    studies,
+                    refine_top,
+                    polish,
+                    polish_samples,
+                    reference_steps,
+                    seed,
+                    calibration,
+                    ems,
+                    guard_schedules,
                 )
                 polished_images = _images(pipe, polished.schedule, held)
                 polished_mse = _mse(polished_images, reference)
@@ -290,10 +306,15 @@ def _fit_knobs(
     seed: int,
     calibration: Sequence[Any],
     ems: int,
+    guards: Sequence[Any] = (),
 ) -> tuple[Any, str]:
     """The continuous fit (:func:`~difftune.search.polish.polish_schedule`) of the ``top`` searched schedules of
     distinct discrete structure (by calibration PSNR, all searchers' studies together); the one with the lowest
-    calibration MSE after its fit, and a note saying where it came from."""
+    calibration MSE after its fit, and a note saying where it came from.
+
+    With ``guards`` (the baselines' schedules) the fits keep the sharpest baseline's calibration sharpness
+    (``min_sharpness``): the issue asks for no blurrier images than the baselines', and an MSE fit drifts
+    towards the posterior mean."""
     from difftune.accel.solver import SolverSchedule
     from difftune.evaluators import Sample
     from difftune.search.ems import compute_ems, ems_samples
@@ -316,21 +337,41 @@ def _fit_knobs(
         if len(chosen) == top:
             break
     pool = [Sample(i % 10, i) for i in range(pool_size)]  # the studies' 10 and more, never held-out
+    floor = None
+    if guards:
+        from difftune.evaluators.sharpness import sharpness_per_image
+
+        target = _images_plain(pipe, pool, reference_steps)
+        floor = max(float(sharpness_per_image(_images(pipe, g, pool), target).mean()) for g in guards)
     stats = None
     results = []
     for name, trial, schedule in chosen:
         if stats is None and any(s.prediction == "v3" for s in schedule.steps):
             stats = compute_ems(pipe, ems_samples(calibration, ems or 64))
         fit = polish_schedule(
-            pipe, schedule, pool, reference_steps=reference_steps, evaluations=evaluations, seed=seed, ems=stats
+            pipe,
+            schedule,
+            pool,
+            reference_steps=reference_steps,
+            evaluations=evaluations,
+            seed=seed,
+            ems=stats,
+            min_sharpness=floor,
         )
         results.append((fit.final_mse, name, trial, fit))
-    _, name, trial, best = min(results, key=lambda row: row[0])
+    # the lowest calibration MSE among the fits that keep the guard (all of them when none does)
+    keeps = [row for row in results if floor is None or row[3].sharpness >= floor] or results
+    _, name, trial, best = min(keeps, key=lambda row: row[0])
     note = (
         f"CMA-ES ({evaluations} runs each, {pool_size} calibration samples vs {reference_steps} steps) on the "
         f"top {len(results)} searched schedules of distinct structure: calibration MSE "
         + ", ".join(f"{r[1]} trial {r[2].number} {r[3].initial_mse:.3g} → {r[3].final_mse:.3g}" for r in results)
         + f"; kept {name} trial {trial.number} ({best.seconds:.0f} s)"
+        + (
+            ""
+            if floor is None
+            else f"; sharpness guard {floor:.3f} (the sharper baseline's), kept {best.sharpness:.3f}"
+        )
     )
     return best, note
 

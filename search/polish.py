@@ -53,6 +53,8 @@ RELAXATION_RANGE = (-1.0, 1.5)
 DC_RATIO_RANGE = (0.5, 1.5)
 #: What CMA-ES is told for a candidate that cannot run (it needs finite values to rank).
 _WORST = 1e9
+#: With ``min_sharpness``: a candidate's MSE is scaled by 1 + this × its sharpness shortfall (0.01 short: ×1.2).
+_SHARPNESS_PENALTY = 20.0
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class PolishResult:
     seconds: float
     #: The knobs that were fitted (a subset of :data:`KNOBS`).
     knobs: tuple[str, ...] = ("timesteps",)
+    #: The kept schedule's sharpness against the target on the samples (:mod:`difftune.evaluators.sharpness`).
+    sharpness: float = math.nan
 
 
 def _coordinates(usf: USFScheduler) -> tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]:
@@ -118,6 +122,7 @@ def polish_timesteps(
         knobs=("timesteps",),
         optimizer="nelder-mead",
         free_start=False,
+        min_sharpness=None,
         reference_steps=reference_steps,
         evaluations=evaluations,
         ems=ems,
@@ -137,6 +142,7 @@ def polish_schedule(
     reference_steps: int = 200,
     evaluations: int = 300,
     free_start: bool = True,
+    min_sharpness: float | None = None,
     seed: int = 0,
     ems: Any = None,
     guidance_scale: float | None = None,
@@ -160,6 +166,11 @@ def polish_schedule(
         free_start: move the first timestep (where the pure noise is taken to sit: diffusers' "leading"
             spacing starts below the trained maximum and is often the best baseline at few steps) and the
             analytical first step's first evaluation too; ``False`` keeps them, as :func:`polish_timesteps`.
+        min_sharpness: a guard against blur (MSE-optimal schedules drift towards the posterior mean): a
+            candidate whose images' sharpness against the target falls below it has its MSE scaled up by
+            1 + 20 × the shortfall for CMA-ES, and the kept schedule is the lowest-MSE one that keeps it
+            (the lowest-MSE one if none does; :attr:`PolishResult.sharpness` says). E.g. a baseline's
+            sharpness on the same samples.
         seed: CMA-ES's seed (the fit is reproducible for a given seed and machine).
         pipe, schedule, samples, reference_steps, ems, guidance_scale, call_kwargs: as :func:`polish_timesteps`.
 
@@ -173,6 +184,7 @@ def polish_schedule(
         knobs=tuple(knobs),
         optimizer="cma",
         free_start=free_start,
+        min_sharpness=min_sharpness,
         reference_steps=reference_steps,
         evaluations=evaluations,
         ems=ems,
@@ -209,6 +221,7 @@ def _polish(
     knobs: tuple[str, ...],
     optimizer: str,
     free_start: bool,
+    min_sharpness: float | None,
     reference_steps: int,
     evaluations: int,
     ems: Any,
@@ -218,8 +231,17 @@ def _polish(
     seed: int,
 ) -> PolishResult:
     from difftune.evaluators import Reference, batch_kwargs
+    from difftune.evaluators.sharpness import sharpness_per_image
 
     evaluations = positive_int("evaluations", evaluations)
+    if min_sharpness is not None and (
+        isinstance(min_sharpness, bool)
+        or not isinstance(min_sharpness, (int, float))
+        or not 0.0 <= float(min_sharpness) <= 1.0
+    ):
+        raise SpaceError(
+            f"min_sharpness: expected a number in [0, 1] (sharpness is capped at 1), got {min_sharpness!r}"
+        )
     reference_steps = positive_int("reference_steps", reference_steps)
     if not isinstance(schedule, SolverSchedule):
         raise SpaceError(f"schedule: expected a SolverSchedule, got {schedule!r}")
@@ -282,19 +304,25 @@ def _polish(
         except Exception:  # e.g. a v3 step moved outside its statistics' range
             return None
 
-    def mse(candidate: SolverSchedule) -> float:
+    def measure(candidate: SolverSchedule) -> tuple[float, float]:
+        """(MSE, sharpness) of the candidate's images against the target."""
         handle = candidate.apply(pipe)
         try:
             with torch.no_grad():
                 out = pipe(**batch_kwargs(pool), **call, num_inference_steps=candidate.num_steps, output_type="pt")
         finally:
             handle.remove()
-        value = float(((out.images.float().cpu() - target) ** 2).mean())
-        return value if math.isfinite(value) else math.inf
+        images = out.images.float().cpu()
+        value = float(((images - target) ** 2).mean())
+        if not math.isfinite(value):
+            return math.inf, 0.0
+        return value, float(sharpness_per_image(images.clamp(0, 1), target).mean())
 
     count = 0
-    best: tuple[float, SolverSchedule] = (math.inf, schedule)
+    # the kept point: feasible (sharp enough) before not, then the lowest MSE
+    best: tuple[tuple[bool, float], SolverSchedule, float] = ((True, math.inf), schedule, math.nan)
     seen: dict[tuple[float, ...], float] = {}
+    raw: dict[tuple[float, ...], float] = {}
 
     def objective(x: np.ndarray) -> float:
         nonlocal count, best
@@ -305,12 +333,15 @@ def _polish(
         if candidate is None or count >= evaluations:
             return math.inf
         count += 1
-        value = seen[key] = mse(candidate)
-        if value < best[0]:
-            best = (value, candidate)
+        value, sharp = measure(candidate)
+        shortfall = 0.0 if min_sharpness is None else max(0.0, min_sharpness - sharp)
+        raw[key] = value
+        seen[key] = value * (1.0 + _SHARPNESS_PENALTY * shortfall)
+        if (shortfall > 0, value) < best[0]:
+            best = ((shortfall > 0, value), candidate, sharp)
         if progress is not None and count % 10 == 0:
-            progress(f"polish: {count}/{evaluations} evaluations, best MSE {best[0]:.3g}")
-        return value
+            progress(f"polish: {count}/{evaluations} evaluations, best MSE {best[0][1]:.3g}")
+        return seen[key]
 
     started = time.perf_counter()
     try:
@@ -321,7 +352,8 @@ def _polish(
                 [schedule.steps[i].dc_ratio - 1.0 for i in ratio],
             ]
         )
-        initial = objective(x0)
+        objective(x0)
+        initial = raw.get(tuple(float(v) for v in x0), math.inf)
         if not math.isfinite(initial):
             raise SpaceError(
                 "the schedule's own images are not finite (or its knobs are outside their ranges); nothing to polish"
@@ -348,4 +380,4 @@ def _polish(
             pipe.__dict__.pop("_progress_bar_config", None)
         else:
             pipe._progress_bar_config = bar
-    return PolishResult(best[1], initial, best[0], count, time.perf_counter() - started, knobs)
+    return PolishResult(best[1], initial, best[0][1], count, time.perf_counter() - started, knobs, best[2])

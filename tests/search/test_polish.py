@@ -118,3 +118,33 @@ def test_polish_schedule_fits_only_the_knobs_named(embedded_pipe, tmp_path, monk
     first_order = SolverSchedule((999.0, 500.0, 100.0), (SolverStep(1),) * 3)
     with pytest.raises(SpaceError, match="no relaxation to fit"):
         polish_schedule(embedded_pipe, first_order, samples, knobs=("relaxation",))
+
+
+def test_polish_schedule_keeps_a_sharpness_guard_the_start_meets(embedded_pipe, tmp_path, monkeypatch):
+    from difftune.evaluators.sharpness import sharpness_per_image
+
+    monkeypatch.setenv("DIFFTUNE_CACHE", str(tmp_path))
+    samples = [Sample(i % 10, i) for i in range(6)]
+    start = _afs_start(embedded_pipe, 3)
+    reference = embedded_pipe(**batch_kwargs(samples), num_inference_steps=50, output_type="pt").images
+
+    def sharpness(schedule: SolverSchedule) -> float:
+        handle = schedule.apply(embedded_pipe)
+        try:
+            out = embedded_pipe(**batch_kwargs(samples), num_inference_steps=schedule.num_steps, output_type="pt")
+        finally:
+            handle.remove()
+        return float(sharpness_per_image(out.images, reference).mean())
+
+    free = polish_schedule(embedded_pipe, start, samples, reference_steps=50, evaluations=40, seed=0)
+    assert abs(free.sharpness - sharpness(free.schedule)) < 1e-6
+    # a guard the start meets (its own sharpness, 0.99; the unguarded fit kept 0.88): the kept schedule meets it
+    guard = sharpness(start)
+    assert guard > free.sharpness, (guard, free.sharpness)
+    kept = polish_schedule(
+        embedded_pipe, start, samples, reference_steps=50, evaluations=40, seed=0, min_sharpness=guard
+    )
+    assert kept.sharpness >= guard and abs(kept.sharpness - sharpness(kept.schedule)) < 1e-6
+    assert kept.final_mse <= kept.initial_mse
+    with pytest.raises(SpaceError, match="min_sharpness"):
+        polish_schedule(embedded_pipe, start, samples, min_sharpness=1.5)
