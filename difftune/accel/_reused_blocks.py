@@ -62,11 +62,13 @@ def _plain(module: Any, qualified_name: str) -> bool:
 class Shared:
     """What the fast paths of one applied schedule share across blocks within a denoiser call."""
 
-    def __init__(self) -> None:
+    def __init__(self, tracker: Any = None) -> None:
         self._projection: tuple[Any, ...] | None = None
         # Whether a gate-only product gave the same bits as the whole one, per linear, input shape,
         # dtype and device (the BLAS picks its kernel by shape: the check is made once per shape).
         self._same_bits: dict[tuple[Any, ...], bool] = {}
+        self.tracker = tracker  # the schedule's StepTracker: which step a call belongs to
+        self.stack = _GateStack(self)
 
     def gates(self, linear: Any, x: torch.Tensor, chunks: int, picks: tuple[int, ...]) -> list[torch.Tensor]:
         """``[linear(x).chunk(chunks, dim=1)[i] for i in picks]``, computing only the picked chunks' rows of
@@ -82,6 +84,7 @@ class Shared:
         sliceable = (
             type(linear) is torch.nn.Linear
             and "forward" not in linear.__dict__
+            and _hookless(linear)  # a torch hook on it fires only if the module is entered
             and type(weight.data) is torch.Tensor  # not a quantized tensor subclass
             and x.dim() == 2
             and weight.shape[0] % chunks == 0
@@ -229,6 +232,7 @@ class BasicBlockFastPath(FastPath):
             and _plain(emb.time_proj, "diffusers.models.embeddings.Timesteps")
         )
         self._memo: tuple[Any, ...] | None = None
+        self.emb_forward: Any = None  # the memo wrapper :meth:`install` puts on the embedding, once installed
 
     def conditioning(self, timestep: Any, class_labels: Any, dtype: Any, compute: Any = None) -> torch.Tensor:
         """``norm1.emb(timestep, class_labels, hidden_dtype=dtype)``, as CombinedTimestepLabelEmbeddings
@@ -262,6 +266,17 @@ class BasicBlockFastPath(FastPath):
             self._memo = (timestep, _version(timestep), class_labels, _version(class_labels), dtype, grad, out)
         return out
 
+    def own_gates(self, timestep: Any, class_labels: Any, dtype: Any) -> list[torch.Tensor]:
+        """``(gate_msa, gate_mlp)`` of this block alone: its conditioning, SiLU and modulation linear."""
+        norm1 = self.block.norm1
+        emb = self.conditioning(timestep, class_labels, dtype)
+        return self.shared.gates(norm1.linear, norm1.silu(emb), 6, (2, 5))
+
+    def remember(self, timestep: Any, class_labels: Any, dtype: Any, out: torch.Tensor) -> None:
+        """Keep ``out`` as this block's conditioning for these inputs (the output head asks block 0's again)."""
+        grad = torch.is_grad_enabled()
+        self._memo = (timestep, _version(timestep), class_labels, _version(class_labels), dtype, grad, out)
+
     def install(self) -> list[Handle]:
         if not self.unrolled:
             return []
@@ -271,7 +286,9 @@ class BasicBlockFastPath(FastPath):
                 timestep, class_labels, hidden_dtype, lambda: inner(timestep, class_labels, hidden_dtype=hidden_dtype)
             )
 
-        return [wrap_forward(self.block.norm1.emb, remembered)]
+        handle = wrap_forward(self.block.norm1.emb, remembered)
+        self.emb_forward = self.block.norm1.emb.__dict__.get("forward")
+        return [handle]
 
     def run(self, cached: Mapping[str, Any], args: tuple, kwargs: dict) -> Any:
         block, arg = self.block, self.arg
@@ -282,9 +299,11 @@ class BasicBlockFastPath(FastPath):
         hidden = arg(args, kwargs, "hidden_states")
         timestep = arg(args, kwargs, "timestep")
         if block.norm_type == "ada_norm_zero":
-            norm1 = block.norm1
-            emb = self.conditioning(timestep, arg(args, kwargs, "class_labels"), hidden.dtype)
-            gate_msa, gate_mlp = (g.unsqueeze(1) for g in self.shared.gates(norm1.linear, norm1.silu(emb), 6, (2, 5)))
+            class_labels = arg(args, kwargs, "class_labels")
+            gates = self.shared.stack.gates(self, timestep, class_labels, hidden.dtype)
+            if gates is None:
+                gates = self.own_gates(timestep, class_labels, hidden.dtype)
+            gate_msa, gate_mlp = (g.unsqueeze(1) for g in gates)
         else:
             # Only the two gate rows of ``(table[None] + timestep.reshape(B, 6, -1)).chunk(6, dim=1)``:
             # an elementwise sum, so its picked rows are the same bits as the whole one's.
@@ -410,3 +429,277 @@ class JointBlockFastPath(FastPath):
         context = _plus_gated(context, c_gate_msa.unsqueeze(1), context_attention)
         context = _plus_gated(context, c_gate_mlp.unsqueeze(1), cached["ff_context"])
         return context, hidden
+
+
+#: Stacked weight copies above this many bytes are not made (they are the price of the stacked products).
+_STACK_BYTES = 64 * 2**20
+
+
+class _GateStack:
+    """The gates of every DiT-style block reused at a step, computed for all of them at once.
+
+    A fully reused ``ada_norm_zero`` block still computes its own gates from the step's timestep and
+    labels — a timestep MLP, a label lookup, a SiLU and the modulation product, about a dozen small
+    operations per block and step; on a small model on a CPU that is more time than the rest of a
+    reused step. The gates depend on the timestep and labels only, so the first reused block of a step
+    computes them for every block reused at that step with the blocks' weights stacked: one ``baddbmm``
+    over the blocks per linear and one gather from the stacked label tables. A BLAS may sum a batched
+    product in another order than single ones, so the first step per set of blocks, input shapes and
+    dtype computes both ways, and the stacked way is kept only where every block's gates and
+    conditioning are the same bits (tested, including a BLAS that rounds differently). CPU only — on a
+    GPU the small products are kernel launches, and ``_version`` checks would not catch a device copy —
+    inference only (no gradient reaches the stacked copies), and only while the copies stay under
+    64 MiB.
+    """
+
+    def __init__(self, shared: Shared):
+        self.shared = shared
+        self.members: list[tuple[Any, Any]] = []  # (fast path, steps where its block is fully reused)
+        self._weights: dict[tuple[int, ...], tuple[tuple[Any, ...], tuple[torch.Tensor, ...] | None]] = {}
+        self._same: dict[tuple[Any, ...], bool] = {}
+        self._memo: tuple[Any, ...] | None = None
+        self._labels: tuple[Any, ...] | None = None  # the last labels' distinct values (one call's, every step)
+        # Groups whose stacked copies were checked against their source weights in this sampling run: the
+        # check (every source tensor's storage and version) runs once per run, not per step.
+        self._checked: set[tuple[int, ...]] = set()
+        # Each group's timestep-MLP output per timestep value, keyed by the group's stacked weights (a
+        # restack after a weight change starts afresh).
+        self._times: dict[tuple[Any, ...], torch.Tensor] = {}
+        if shared.tracker is not None:
+            shared.tracker.add_listener(self)
+
+    def reset(self) -> None:
+        """A new sampling run: check the stacked copies against their weights again at their next use."""
+        self._checked.clear()
+
+    def enlist(self, fast: FastPath, reused: Any) -> None:
+        """Let ``fast`` take part where it is a DiT-style block with diffusers' own embedding modules."""
+        if isinstance(fast, BasicBlockFastPath) and fast.block.norm_type == "ada_norm_zero" and _stackable(fast):
+            self.members.append((fast, reused))
+
+    def gates(self, fast: Any, timestep: Any, class_labels: Any, dtype: Any) -> Any:
+        """``fast``'s ``(gate_msa, gate_mlp)`` from the stacked computation of this step, or ``None`` (the
+        block then computes its own)."""
+        tracker = self.shared.tracker
+        if (
+            tracker is None
+            or len(self.members) < 2
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or not isinstance(timestep, torch.Tensor)
+            or not isinstance(class_labels, torch.Tensor)
+            or timestep.device.type != "cpu"
+        ):
+            return None
+        step, call = tracker.step, tracker.call
+        memo = self._memo
+        if (
+            memo is not None
+            and memo[0] == step
+            and memo[1] == call
+            and memo[2] is timestep
+            and memo[3] == timestep._version
+            and memo[4] is class_labels
+            and memo[5] == class_labels._version
+            and memo[6] == dtype
+        ):
+            return memo[7].get(id(fast))
+        result: dict[int, Any] = {}
+        self._memo = (step, call, timestep, timestep._version, class_labels, class_labels._version, dtype, result)
+        group = [m for m, reused in self.members if 0 <= step < len(reused) and reused[step]]
+        if len(group) < 2 or not any(m is fast for m in group):
+            return None
+        key = (tuple(id(m) for m in group), tuple(timestep.shape), tuple(class_labels.shape), dtype)
+        same = self._same.get(key)
+        weights = None if same is False else self._stacked(group, dtype)
+        if weights is None:
+            return None
+        emb, gates = self._compute(group, weights, timestep, class_labels, dtype)
+        if same is None:
+            agree = True
+            for i, member in enumerate(group):
+                own = member.own_gates(timestep, class_labels, dtype)
+                agree = (
+                    agree
+                    and torch.equal(member.conditioning(timestep, class_labels, dtype), emb[i])
+                    and all(torch.equal(a, b) for a, b in zip(own, gates[i], strict=True))
+                )
+                result[id(member)] = own
+            self._same[key] = agree
+        else:
+            for i, member in enumerate(group):
+                member.remember(timestep, class_labels, dtype, emb[i])
+                result[id(member)] = gates[i]
+        return result.get(id(fast))
+
+    def _stacked(self, group: list[Any], dtype: Any) -> tuple[torch.Tensor, ...] | None:
+        """The group's weights stacked over blocks (kept while every source tensor is unmodified), or
+        ``None`` when they differ in shape, dtype or device, or would take more than 64 MiB."""
+        ids = tuple(id(m) for m in group)
+        if ids in self._checked:
+            return self._weights.get(ids, (None, None))[1]
+        self._checked.add(ids)
+        if not all(_stackable(m) for m in group):  # hooked or replaced since the schedule was applied
+            self._weights.pop(ids, None)
+            return None
+        sources = []
+        for member in group:
+            norm1 = member.block.norm1
+            mlp = norm1.emb.timestep_embedder
+            sources.append(
+                (
+                    mlp.linear_1.weight,
+                    mlp.linear_1.bias,
+                    mlp.linear_2.weight,
+                    mlp.linear_2.bias,
+                    norm1.emb.class_embedder.embedding_table.weight,
+                    norm1.linear.weight,
+                    norm1.linear.bias,
+                )
+            )
+        stamp = tuple((t.data_ptr(), t._version) for row in sources for t in row)
+        kept = self._weights.get(ids)
+        if kept is not None and kept[0] == stamp:
+            return kept[1]
+        first = sources[0]
+        uniform = (
+            all(
+                a.shape == b.shape and a.dtype == b.dtype == dtype and a.device == b.device
+                for row in sources
+                for a, b in zip(row, first, strict=True)
+            )
+            and len({_projection_key(m.block.norm1.emb.time_proj) for m in group}) == 1
+        )
+        width = first[2].shape[0]  # the conditioning width D; the modulation linear has 6·D rows
+        size = sum(t.numel() * t.element_size() for t in first[:5]) + first[5].numel() * first[5].element_size() // 3
+        stacked = None
+        if uniform and first[5].shape[0] == 6 * width and size * len(group) <= _STACK_BYTES:
+            with torch.no_grad():
+                rows = [torch.cat([w[2 * width : 3 * width], w[5 * width :]]) for *_, w, _ in sources]
+                bias_rows = [torch.cat([b[2 * width : 3 * width], b[5 * width :]]) for *_, b in sources]
+                stacked = (
+                    torch.stack([r[0] for r in sources]).transpose(1, 2),
+                    torch.stack([r[1] for r in sources])[:, None, :],
+                    torch.stack([r[2] for r in sources]).transpose(1, 2),
+                    torch.stack([r[3] for r in sources])[:, None, :],
+                    torch.stack([r[4] for r in sources]),
+                    torch.stack(rows).transpose(1, 2),
+                    torch.stack(bias_rows)[:, None, :],
+                )
+        if kept is not None:  # restacked: the old copies' timestep outputs go with them
+            self._times = {k: v for k, v in self._times.items() if k[0] != id(kept[1])}
+        self._weights[ids] = (stamp, stacked)
+        return stacked
+
+    def _compute(
+        self,
+        group: list[Any],
+        weights: tuple[torch.Tensor, ...],
+        timestep: torch.Tensor,
+        labels: torch.Tensor,
+        dtype: Any,
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Every group block's conditioning ``[blocks, batch, D]`` and gates, as
+        ``CombinedTimestepLabelEmbeddings`` + SiLU + the modulation linear compute them, block by block.
+
+        A batch shares one timestep and repeats labels (classifier-free guidance's unconditional half is
+        one null label), so the timestep MLP runs on 4 rows and the gates on the distinct labels, then
+        spread over the batch: the rows' values are the batch computation's when the smaller products sum
+        in the same order, which the bit check of :meth:`gates` verifies (MKL's kernels for 1-3, 5-7 and
+        9-11 rows do not, hence multiples of 4)."""
+        w1, b1, w2, b2, tables, wg, bg = weights
+        n, width = len(group), tables.shape[-1]
+        time_proj = group[0].block.norm1.emb.time_proj
+        rows = self._distinct(timestep, labels)
+        if rows is None:
+            projection = self.shared.timestep_projection(time_proj, timestep).to(dtype=dtype)
+            hidden = torch.baddbmm(b1, projection.expand(n, *projection.shape), w1)
+            embedded = torch.baddbmm(b2, torch.nn.functional.silu(hidden), w2)
+            emb = embedded + tables.index_select(1, labels)
+            gates = torch.baddbmm(bg, torch.nn.functional.silu(emb), wg)
+        else:
+            times, distinct, index = rows
+            # The timestep MLP's output is a constant of the timestep's value (and of weights that are
+            # checked every run): a schedule's timesteps recur every call, so it is kept per value.
+            key = (id(weights), float(times[0]), times.dtype, dtype)
+            embedded = self._times.get(key)
+            if embedded is None:
+                projection = self.shared.timestep_projection(time_proj, times).to(dtype=dtype)
+                hidden = torch.baddbmm(b1, projection.expand(n, *projection.shape), w1)
+                embedded = torch.baddbmm(b2, torch.nn.functional.silu(hidden), w2)[:, :1]
+                if len(self._times) >= 4096:
+                    self._times.clear()
+                self._times[key] = embedded
+            emb_rows = embedded + tables.index_select(1, distinct)
+            gates = torch.baddbmm(bg, torch.nn.functional.silu(emb_rows), wg).index_select(1, index)
+            emb = emb_rows.index_select(1, index)
+        return emb, [(g[:, :width], g[:, width:]) for g in gates]
+
+    def _distinct(self, timestep: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """``(4 timesteps, distinct labels, index)`` with ``distinct[index]`` equal to ``labels``, when the
+        batch has one timestep and fewer distinct labels than rows (padded to a multiple of 4); else ``None``."""
+        if timestep.dim() != 1 or labels.dim() != 1 or len(timestep) != len(labels) or len(labels) <= 4:
+            return None
+        if not torch.equal(timestep, timestep[:1].expand_as(timestep)):
+            return None
+        kept = self._labels
+        if kept is None or kept[0] is not labels or kept[1] != labels._version:
+            distinct, index = torch.unique(labels, return_inverse=True)
+            padded = -(-len(distinct) // 4) * 4
+            distinct = torch.cat([distinct, distinct[-1:].expand(padded - len(distinct))])
+            kept = self._labels = (labels, labels._version, None if padded >= len(labels) else (distinct, index))
+        if kept[2] is None:
+            return None
+        return (timestep[:1].expand(4), *kept[2])
+
+
+def _projection_key(time_proj: Any) -> tuple[Any, ...]:
+    return (time_proj.num_channels, time_proj.flip_sin_to_cos, time_proj.downscale_freq_shift, time_proj.scale)
+
+
+def _is_linear(module: Any) -> bool:
+    return (
+        type(module) is torch.nn.Linear
+        and "forward" not in module.__dict__
+        and module.bias is not None
+        and type(module.weight.data) is torch.Tensor  # not a quantized tensor subclass
+    )
+
+
+def _hookless(*modules: Any) -> bool:
+    """No torch hooks on these modules: the stack computes their outputs without entering them."""
+    return not any(
+        m._forward_hooks or m._forward_pre_hooks or getattr(m, "_forward_hooks_with_kwargs", None) for m in modules
+    )
+
+
+def _stackable(fast: Any) -> bool:
+    """The block's conditioning is diffusers' own modules, unwrapped (but for the fast path's own memo on
+    the embedding) and unhooked, with nothing the stack does not mirror (a conditioning projection, a
+    post-activation, label dropout in training). Checked when the schedule is applied and at the start of
+    every sampling run."""
+    norm1 = fast.block.norm1
+    emb = getattr(norm1, "emb", None)
+    if emb is None or not (
+        _qualified(emb) == "diffusers.models.embeddings.CombinedTimestepLabelEmbeddings"
+        and emb.__dict__.get("forward") in (None, fast.emb_forward)
+        and _plain(emb.time_proj, "diffusers.models.embeddings.Timesteps")
+        and _plain(emb.timestep_embedder, "diffusers.models.embeddings.TimestepEmbedding")
+        and _plain(emb.class_embedder, "diffusers.models.embeddings.LabelEmbedding")
+    ):
+        return False
+    mlp, labels = emb.timestep_embedder, emb.class_embedder
+    parts = (norm1, emb, emb.time_proj, mlp, mlp.linear_1, mlp.act, mlp.linear_2, labels, norm1.linear, norm1.silu)
+    return (
+        _hookless(*parts, labels.embedding_table)
+        and mlp.cond_proj is None
+        and mlp.post_act is None
+        and type(mlp.act) is torch.nn.SiLU
+        and type(norm1.silu) is torch.nn.SiLU
+        and "forward" not in mlp.act.__dict__
+        and "forward" not in norm1.silu.__dict__
+        and all(_is_linear(m) for m in (mlp.linear_1, mlp.linear_2, norm1.linear))
+        and type(labels.embedding_table) is torch.nn.Embedding
+        and "forward" not in labels.embedding_table.__dict__
+        and not (labels.training and labels.dropout_prob > 0)
+    )

@@ -134,7 +134,7 @@ def _install(
 ) -> None:
     """Hook every component that some step reuses (``rows_of(block, slot)``: True = recompute), and
     give each block with fully reused steps its fast path where its class has one."""
-    shared = Shared()
+    shared = Shared(tracker)
     for b, block in enumerate(info.block_info):
         caches: dict[str, tuple[_ComponentCache, torch.nn.Module, Any]] = {}
         reused: np.ndarray | None = None  # steps where every present component of the block is reused
@@ -159,6 +159,7 @@ def _install(
         fast = None if "forward" in module.__dict__ else fast_path_for(module, frozenset(caches), shared)
         if fast is not None:
             handle.add(wrap_forward(module, _ReusedBlock(tracker, fast, caches, reused)))
+            shared.stack.enlist(fast, reused)
             for extra in fast.install():
                 handle.add(extra)
 

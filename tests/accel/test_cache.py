@@ -184,19 +184,32 @@ def test_component_flops_predict_the_counted_flops_of_a_schedule(monkeypatch, em
     assert counted == flops.schedule_flops(mask)
     assert flops.ideal_speedup(mask) == pytest.approx(full / counted)
 
-    # A fully reused block computes only its two gate chunks of the 6·D-wide adaLN modulation
-    # (where that product gives the same bits; checked on the first run, so count the second).
+    # A fully reused block computes only its gates. Where two or more blocks are fully reused at a step,
+    # the first computes every one's at once (the gate stack): the timestep MLP once per timestep value
+    # (kept from the first run: count the second), the modulation's two gate chunks on the distinct
+    # labels (4: three and the null label, a multiple of 4) for all of them in one batched product. A
+    # lone reused block, or a BLAS whose smaller products round differently, computes its own two gate
+    # chunks (where that gives the same bits). Both ways are checked on the first run.
     shared = []
-    monkeypatch.setattr(cache_module, "Shared", lambda: shared.append(Shared()) or shared[-1])
+    monkeypatch.setattr(cache_module, "Shared", lambda *a: shared.append(Shared(*a)) or shared[-1])
     handle = apply_cache_schedule(embedded_pipe, config)
     _run(embedded_pipe)
     fast = count_flops(lambda: _run(embedded_pipe))
     handle.remove()
-    (verdicts,) = [s._same_bits for s in shared]
-    reused_cells = int((~mask).all(axis=2).sum())
+    (state,) = shared
+    verdicts, stacked = state._same_bits, list(state.stack._same.values())
     rows, width = 2 * 3, embedded_pipe.transformer.inner_dim  # 3 labels, doubled for guidance
-    saved = reused_cells * 2 * rows * width * 4 * width if all(verdicts.values()) else 0
-    assert verdicts and fast == flops.schedule_flops(mask) - saved
+    timestep_mlp = rows * (256 * width + width * width) * 2
+    gates_only = rows * 4 * width * width * 2 if all(verdicts.values()) else 0
+    saved = 0
+    for step in range(STEPS):
+        group = int((~mask[step]).all(axis=1).sum())  # blocks fully reused at this step
+        if group >= 2 and stacked and all(stacked):
+            saved += group * (timestep_mlp + rows * 6 * width * width * 2 - 4 * 2 * width * width * 2)
+        else:
+            saved += group * gates_only
+    assert stacked, "no step reused two blocks: the gate stack was never tried"
+    assert (verdicts or stacked) and fast == flops.schedule_flops(mask) - saved
 
 
 def test_configs_round_trip_through_json(embedded_pipe):

@@ -380,3 +380,152 @@ def test_the_conditioning_memo_recomputes_for_new_or_modified_inputs(embedded_pi
         assert changed is not first
         assert torch.equal(changed, block.norm1.emb(t, labels, hidden_dtype=torch.float32))
         assert fast.conditioning(t.clone(), labels, torch.float32) is not changed
+
+
+@contextmanager
+def counted_baddbmm(monkeypatch: pytest.MonkeyPatch, nudge: bool = False) -> Iterator[list[int]]:
+    """Counts ``torch.baddbmm`` calls (the gate stack's batched products); ``nudge`` makes each result one
+    ulp larger, as a BLAS whose batched kernels sum in another order would."""
+    calls: list[int] = []
+    real = torch.baddbmm
+
+    def baddbmm(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        out = real(*args, **kwargs)
+        return torch.nextafter(out, torch.full_like(out, float("inf"))) if nudge else out
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "baddbmm", baddbmm)
+        yield calls
+
+
+def _stack_of(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The Shared state of every schedule applied from now on (its ``stack`` holds the verdicts)."""
+    from difftune.accel._reused_blocks import Shared
+
+    made: list[Any] = []
+    monkeypatch.setattr(cache_module, "Shared", lambda *a: made.append(Shared(*a)) or made[-1])
+    return made
+
+
+def _hook_path_images(monkeypatch: pytest.MonkeyPatch, pipe: Any, config: Any, steps: int) -> torch.Tensor:
+    with hook_path_only(monkeypatch):
+        handle = apply_cache_schedule(pipe, config)
+        images = _run_embedded(pipe, steps)
+        handle.remove()
+    return images
+
+
+def test_the_gate_stack_computes_every_reused_blocks_gates_in_three_batched_products(monkeypatch, embedded_pipe):
+    """At a step reusing all six blocks, the first computes every block's gates: the timestep MLP (two
+    products, then kept per timestep value) and the gate chunks (one product) for all blocks at once,
+    bit-identical to the blocks computing their own."""
+    info = difftune.describe(embedded_pipe)
+    mask = np.ones(info.mask_shape(6), dtype=bool)
+    mask[1:] = False  # steps 1-5 reuse every block
+    config = CacheMaskConfig.from_array(info.components, mask)
+    reference = _hook_path_images(monkeypatch, embedded_pipe, config, 6)
+    made = _stack_of(monkeypatch)
+    handle = apply_cache_schedule(embedded_pipe, config)
+    try:
+        with counted_baddbmm(monkeypatch) as calls:
+            first = _run_embedded(embedded_pipe, 6)
+            first_calls = len(calls)
+            second = _run_embedded(embedded_pipe, 6)
+    finally:
+        handle.remove()
+    (shared,) = made
+    assert len(shared.stack.members) == 6
+    (verdict,) = shared.stack._same.values()
+    assert torch.equal(first, reference) and torch.equal(second, reference)
+    # first run: 3 products at each of the 5 reused steps (step 1's are then checked against the blocks'
+    # own); second run: the timestep MLP's outputs are kept per timestep value, 1 product a step. A BLAS
+    # whose batched products round differently leaves only step 1's three, then every block its own.
+    assert (first_calls, len(calls) - first_calls) == ((15, 5) if verdict else (3, 0))
+    no_wrappers_left(embedded_pipe, info)
+
+
+def test_the_gate_stack_gives_way_where_batched_products_round_differently(monkeypatch, embedded_pipe):
+    info = difftune.describe(embedded_pipe)
+    mask = random_mask(info, 8, seed=5)
+    config = CacheMaskConfig.from_array(info.components, mask)
+    reference = _hook_path_images(monkeypatch, embedded_pipe, config, 8)
+    made = _stack_of(monkeypatch)
+    handle = apply_cache_schedule(embedded_pipe, config)
+    try:
+        with counted_baddbmm(monkeypatch, nudge=True) as calls:
+            images = [_run_embedded(embedded_pipe, 8) for _ in range(2)]
+    finally:
+        handle.remove()
+    (shared,) = made
+    assert shared.stack._same and not any(shared.stack._same.values())
+    assert all(torch.equal(x, reference) for x in images)
+    # the check's products only: one per group of blocks reused together (then never again)
+    assert len(calls) == 3 * len(shared.stack._same)
+
+
+def test_the_gate_stack_follows_weights_changed_between_runs(monkeypatch, embedded_pipe):
+    info = difftune.describe(embedded_pipe)
+    mask = np.ones(info.mask_shape(6), dtype=bool)
+    mask[1:] = False
+    config = CacheMaskConfig.from_array(info.components, mask)
+    blocks = embedded_pipe.transformer.transformer_blocks
+    modulation, table = blocks[3].norm1.linear.weight, blocks[2].norm1.emb.class_embedder.embedding_table.weight
+    kept = (modulation.detach().clone(), table.detach().clone())
+    handle = apply_cache_schedule(embedded_pipe, config)
+    try:
+        before = _run_embedded(embedded_pipe, 6)
+        with torch.no_grad():
+            modulation.mul_(1.01)  # in place, as a LoRA fuse would
+            table[1].add_(0.1)
+        after = _run_embedded(embedded_pipe, 6)
+        handle.remove()
+        assert torch.equal(after, _hook_path_images(monkeypatch, embedded_pipe, config, 6))
+        assert not torch.equal(after, before)
+    finally:
+        handle.remove()
+        with torch.no_grad():
+            modulation.copy_(kept[0])
+            table.copy_(kept[1])
+
+
+def test_a_hook_on_a_blocks_modulation_keeps_that_step_out_of_the_stack(monkeypatch, embedded_pipe):
+    """A torch hook registered on a block's modulation linear after the schedule was applied still fires at
+    every step the block is reused (the stack would compute the product without entering the module)."""
+    info = difftune.describe(embedded_pipe)
+    mask = np.ones(info.mask_shape(6), dtype=bool)
+    mask[1:] = False
+    config = CacheMaskConfig.from_array(info.components, mask)
+    reference = _hook_path_images(monkeypatch, embedded_pipe, config, 6)
+    handle = apply_cache_schedule(embedded_pipe, config)
+    _run_embedded(embedded_pipe, 6)  # the stack checked and in use
+    fired: list[int] = []
+    hook = embedded_pipe.transformer.transformer_blocks[4].norm1.linear.register_forward_hook(
+        lambda *a: fired.append(1)
+    )
+    try:
+        images = _run_embedded(embedded_pipe, 6)
+    finally:
+        hook.remove()
+        handle.remove()
+    assert len(fired) == 6  # the computed step 0 and the five reused steps
+    assert torch.equal(images, reference)
+
+
+def test_the_gate_stack_takes_distinct_rows_only_where_they_repeat():
+    from difftune.accel._reused_blocks import Shared
+
+    stack = Shared().stack
+    t = torch.full((8,), 500.0)
+    labels = torch.tensor([3, 1, 3, 1, 10, 10, 10, 10])  # 3 distinct: padded to 4 rows
+    times, distinct, index = stack._distinct(t, labels)
+    assert times.shape == (4,) and bool((times == 500.0).all())
+    assert distinct.tolist() == [1, 3, 10, 10] and torch.equal(distinct[index], labels)
+    mixed = t.clone()
+    mixed[5] = 400.0
+    assert stack._distinct(mixed, labels) is None  # not one timestep
+    assert stack._distinct(t, torch.arange(8)) is None  # no repeats (8 distinct)
+    assert stack._distinct(t[:6], torch.tensor([0, 1, 2, 3, 4, 4])) is None  # 5 distinct, padded to 8 > 6
+    assert stack._distinct(t[:4], torch.tensor([1, 1, 1, 1])) is None  # 4 rows: nothing to save
+    with torch.enable_grad():
+        assert stack.gates(object(), t, labels, torch.float32) is None  # no tracker, no stack
