@@ -622,15 +622,15 @@ class _GateStack:
             # The timestep MLP's output is a constant of the timestep's value (and of weights that are
             # checked every run): a schedule's timesteps recur every call, so it is kept per value.
             key = (id(weights), float(times[0]), times.dtype, dtype)
-            embedded = self._times.get(key)
-            if embedded is None:
+            step_mlp = self._times.get(key)
+            if step_mlp is None:
                 projection = self.shared.timestep_projection(time_proj, times).to(dtype=dtype)
                 hidden = torch.baddbmm(b1, projection.expand(n, *projection.shape), w1)
-                embedded = torch.baddbmm(b2, torch.nn.functional.silu(hidden), w2)[:, :1]
+                step_mlp = torch.baddbmm(b2, torch.nn.functional.silu(hidden), w2)[:, :1]
                 if len(self._times) >= 4096:
                     self._times.clear()
-                self._times[key] = embedded
-            emb_rows = embedded + tables.index_select(1, distinct)
+                self._times[key] = step_mlp
+            emb_rows = step_mlp + tables.index_select(1, distinct)
             gates = torch.baddbmm(bg, torch.nn.functional.silu(emb_rows), wg).index_select(1, index)
             emb = emb_rows.index_select(1, index)
         return emb, [(g[:, :width], g[:, width:]) for g in gates]
