@@ -540,7 +540,8 @@ class _GateStack:
             return self._weights.get(ids, (None, None))[1]
         self._checked.add(ids)
         if not all(_stackable(m) for m in group):  # hooked or replaced since the schedule was applied
-            self._weights.pop(ids, None)
+            if self._weights.pop(ids, None) is not None:
+                self._times.clear()  # keyed by the dropped copies' id, which a later copy may get
             return None
         sources = []
         for member in group:
@@ -586,8 +587,8 @@ class _GateStack:
                     torch.stack(rows).transpose(1, 2),
                     torch.stack(bias_rows)[:, None, :],
                 )
-        if kept is not None:  # restacked: the old copies' timestep outputs go with them
-            self._times = {k: v for k, v in self._times.items() if k[0] != id(kept[1])}
+        if kept is not None:  # restacked: the old copies' timestep outputs go with them (keyed by their id)
+            self._times.clear()
         self._weights[ids] = (stamp, stacked)
         return stacked
 

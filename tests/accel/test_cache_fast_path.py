@@ -471,7 +471,9 @@ def test_the_gate_stack_follows_weights_changed_between_runs(monkeypatch, embedd
     config = CacheMaskConfig.from_array(info.components, mask)
     blocks = embedded_pipe.transformer.transformer_blocks
     modulation, table = blocks[3].norm1.linear.weight, blocks[2].norm1.emb.class_embedder.embedding_table.weight
-    kept = (modulation.detach().clone(), table.detach().clone())
+    timestep_mlp = blocks[1].norm1.emb.timestep_embedder.linear_1
+    weights = (modulation, table, timestep_mlp.weight)
+    kept = [w.detach().clone() for w in weights]
     handle = apply_cache_schedule(embedded_pipe, config)
     try:
         before = _run_embedded(embedded_pipe, 6)
@@ -479,14 +481,26 @@ def test_the_gate_stack_follows_weights_changed_between_runs(monkeypatch, embedd
             modulation.mul_(1.01)  # in place, as a LoRA fuse would
             table[1].add_(0.1)
         after = _run_embedded(embedded_pipe, 6)
+        # a run out of the stack (a hook on a timestep MLP), a weight change, the hook gone: restacked, and
+        # no timestep-MLP output kept from the old copies
+        hook = timestep_mlp.register_forward_hook(lambda *a: None)
+        hooked = _run_embedded(embedded_pipe, 6)
+        hook.remove()
+        with torch.no_grad():
+            timestep_mlp.weight.mul_(0.99)
+        last = _run_embedded(embedded_pipe, 6)
         handle.remove()
+        assert torch.equal(last, _hook_path_images(monkeypatch, embedded_pipe, config, 6))
+        with torch.no_grad():
+            timestep_mlp.weight.copy_(kept[2])
         assert torch.equal(after, _hook_path_images(monkeypatch, embedded_pipe, config, 6))
-        assert not torch.equal(after, before)
+        assert torch.equal(hooked, after)
+        assert not torch.equal(after, before) and not torch.equal(last, after)
     finally:
         handle.remove()
         with torch.no_grad():
-            modulation.copy_(kept[0])
-            table.copy_(kept[1])
+            for weight, value in zip(weights, kept, strict=True):
+                weight.copy_(value)
 
 
 def test_a_hook_on_a_blocks_modulation_keeps_that_step_out_of_the_stack(monkeypatch, embedded_pipe):
