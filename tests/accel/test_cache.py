@@ -18,13 +18,8 @@ STEPS = 6
 
 
 def _run(pipe, steps=STEPS, **kw):
-    return pipe(
-        class_labels=[1, 4, 7],
-        num_inference_steps=steps,
-        generator=torch.Generator().manual_seed(0),
-        output_type="pt",
-        **kw,
-    ).images
+    kw.setdefault("generator", torch.Generator().manual_seed(0))
+    return pipe(class_labels=[1, 4, 7], num_inference_steps=steps, output_type="pt", **kw).images
 
 
 def _mask(info, steps=STEPS, every=2):
@@ -68,8 +63,59 @@ def test_reuse_returns_the_exact_output_of_the_last_computed_step(embedded_pipe)
         outer.remove()
     assert len(ran) == STEPS // 2 and len(returned) == STEPS
     for step in range(1, STEPS, 2):
-        assert returned[step] is returned[step - 1]
+        # the cache's copy of step 2k's output; the list above holds it, so later steps never rewrite it
+        assert torch.equal(returned[step], returned[step - 1]) and returned[step] is not returned[step - 1]
     assert not torch.equal(returned[2], returned[0])
+
+
+def test_stored_outputs_are_rewritten_in_place_unless_something_holds_them(monkeypatch, embedded_pipe):
+    """On the CPU a cache keeps a component's output in a buffer of its own, rewritten at every computed
+    step and run (the plain pipeline's allocation pattern); a buffer that other code still holds (a
+    reference or a view) is left alone and a new one is made."""
+    import difftune.accel.cache as cache_module
+
+    caches = []
+    real_init = cache_module._ComponentCache.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        caches.append(self)
+
+    monkeypatch.setattr(cache_module._ComponentCache, "__init__", init)
+    info = difftune.describe(embedded_pipe)
+    mask = np.ones(info.mask_shape(STEPS), dtype=bool)
+    mask[1::2, 2, 0] = False
+    module = embedded_pipe.transformer.transformer_blocks[2].attn1
+    computed: list[torch.Tensor] = []
+    outer = module.register_forward_hook(lambda m, a, out: computed.append(out.clone()))
+
+    def run(seed: int) -> None:
+        computed.clear()
+        _run(embedded_pipe, generator=torch.Generator().manual_seed(seed))
+
+    handle = apply_cache_schedule(embedded_pipe, CacheMaskConfig.from_array(info.components, mask))
+    try:
+        (cache,) = caches
+        run(0)
+        first = cache.store[0][1]
+        ptr = first.data_ptr()
+        del first
+        run(1)
+        # the same buffer for both runs, holding the last computed step's output of the second
+        assert cache.store[0][1].data_ptr() == ptr and torch.equal(cache.store[0][1], computed[-2])
+        view = cache.store[0][1][0]  # only a view of the buffer is held
+        kept = view.clone()
+        run(2)
+        assert torch.equal(view, kept) and cache.store[0][1].data_ptr() != ptr
+        assert torch.equal(cache.store[0][1], computed[-2])
+        held = cache.store[0][1]  # a reference
+        kept = held.clone()
+        run(3)
+        assert torch.equal(held, kept) and cache.store[0][1] is not held
+        assert torch.equal(cache.store[0][1], computed[-2]) and not torch.equal(held, computed[-2])
+    finally:
+        handle.remove()
+        outer.remove()
 
 
 def test_fora_equals_its_mask_and_runs_any_step_count(embedded_pipe):
@@ -135,10 +181,12 @@ def test_cfg_halves_batched_equal_separate_unconditional_calls():
             handle.remove()
             hook.remove()
             outer.remove()
-        # steps 0 and 2 compute (2 calls each); steps 1 and 3 reuse: call k of step 1 returns call k of step 0
+        # steps 0 and 2 compute (2 calls each); steps 1 and 3 reuse: call k of step 1 returns (the cache's
+        # copy of) call k of step 0, never call 1-k's
         assert len(ran) == 4 and len(returned) == 8
-        assert returned[2] is returned[0] and returned[3] is returned[1] and returned[0] is not returned[1]
-        assert returned[6] is returned[4] and returned[7] is returned[5]
+        for reused, computed in ((2, 0), (3, 1), (6, 4), (7, 5)):
+            assert torch.equal(returned[reused], returned[computed])
+            assert not torch.equal(returned[reused], returned[computed ^ 1])
 
 
 @pytest.mark.parametrize("family", ["pixart", "sd", "sd3"])
