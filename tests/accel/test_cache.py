@@ -19,7 +19,8 @@ STEPS = 6
 
 def _run(pipe, steps=STEPS, **kw):
     kw.setdefault("generator", torch.Generator().manual_seed(0))
-    return pipe(class_labels=[1, 4, 7], num_inference_steps=steps, output_type="pt", **kw).images
+    kw.setdefault("class_labels", [1, 4, 7])
+    return pipe(num_inference_steps=steps, output_type="pt", **kw).images
 
 
 def _mask(info, steps=STEPS, every=2):
@@ -214,12 +215,14 @@ def test_component_flops_predict_the_counted_flops_of_a_schedule(monkeypatch, em
     import difftune.accel.cache as cache_module
 
     info = difftune.describe(embedded_pipe)
-    flops = component_flops(embedded_pipe, lambda: _run(embedded_pipe))
+    # 8 labels, 16 rows, 5 distinct labels: the gate stack's distinct-row way can give the blocks' bits
+    labels = [1, 4, 7, 1, 4, 7, 2, 2]
+    flops = component_flops(embedded_pipe, lambda: _run(embedded_pipe, class_labels=labels))
     assert flops.per_component.shape == (len(info.blocks), len(info.components))
     assert (flops.per_component > 0).all() and flops.per_component.sum() < flops.total
     mask = _mask(info, every=3)
     mask[:, 0] = True  # keep block 0 always fresh: a non-uniform mask
-    full = count_flops(lambda: _run(embedded_pipe))
+    full = count_flops(lambda: _run(embedded_pipe, class_labels=labels))
     assert full == flops.total * STEPS
     config = CacheMaskConfig.from_array(info.components, mask)
 
@@ -227,7 +230,7 @@ def test_component_flops_predict_the_counted_flops_of_a_schedule(monkeypatch, em
     with monkeypatch.context() as patch:
         patch.setattr(cache_module, "fast_path_for", lambda *a: None)
         handle = apply_cache_schedule(embedded_pipe, config)
-        counted = count_flops(lambda: _run(embedded_pipe))
+        counted = count_flops(lambda: _run(embedded_pipe, class_labels=labels))
         handle.remove()
     assert counted == flops.schedule_flops(mask)
     assert flops.ideal_speedup(mask) == pytest.approx(full / counted)
@@ -241,23 +244,26 @@ def test_component_flops_predict_the_counted_flops_of_a_schedule(monkeypatch, em
     shared = []
     monkeypatch.setattr(cache_module, "Shared", lambda *a: shared.append(Shared(*a)) or shared[-1])
     handle = apply_cache_schedule(embedded_pipe, config)
-    _run(embedded_pipe)
-    fast = count_flops(lambda: _run(embedded_pipe))
+    _run(embedded_pipe, class_labels=labels)
+    fast = count_flops(lambda: _run(embedded_pipe, class_labels=labels))
     handle.remove()
     (state,) = shared
-    verdicts, stacked = state._same_bits, list(state.stack._same.values())
-    rows, width = 2 * 3, embedded_pipe.transformer.inner_dim  # 3 labels, doubled for guidance
-    timestep_mlp = rows * (256 * width + width * width) * 2
+    verdicts, ways = state._same_bits, list(state.stack._same.values())
+    rows, width = 2 * len(labels), embedded_pipe.transformer.inner_dim  # doubled for guidance
+    timestep_mlp = rows * (256 * width + width * width) * 2  # kept per timestep value: none in the 2nd run
+    modulation = rows * 6 * width * width * 2
+    stack_gates = {"distinct": 8, "batch": rows}  # rows of the stacked gate product: 5 labels padded to 8
     gates_only = rows * 4 * width * width * 2 if all(verdicts.values()) else 0
     saved = 0
     for step in range(STEPS):
         group = int((~mask[step]).all(axis=1).sum())  # blocks fully reused at this step
-        if group >= 2 and stacked and all(stacked):
-            saved += group * (timestep_mlp + rows * 6 * width * width * 2 - 4 * 2 * width * width * 2)
+        if group >= 2 and ways and all(ways):
+            (way,) = set(ways)
+            saved += group * (timestep_mlp + modulation - stack_gates[way] * 2 * width * width * 2)
         else:
             saved += group * gates_only
-    assert stacked, "no step reused two blocks: the gate stack was never tried"
-    assert (verdicts or stacked) and fast == flops.schedule_flops(mask) - saved
+    assert ways == ["distinct"], "no step reused two blocks, or the stack did not give the blocks' bits"
+    assert fast == flops.schedule_flops(mask) - saved
 
 
 def test_configs_round_trip_through_json(embedded_pipe):

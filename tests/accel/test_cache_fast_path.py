@@ -408,10 +408,22 @@ def _stack_of(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return made
 
 
+def _run_stacked(pipe: Any, steps: int) -> Any:
+    """16 rows (8 labels doubled for guidance), 5 distinct labels: the gate stack's distinct-row way runs
+    on 8 of them. (With 6 rows, as in ``_run_embedded``, MKL's 6-row products sum in another order than
+    any batched product, and the blocks keep their own gates.)"""
+    return pipe(
+        class_labels=[1, 4, 7, 1, 4, 7, 2, 2],
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+
+
 def _hook_path_images(monkeypatch: pytest.MonkeyPatch, pipe: Any, config: Any, steps: int) -> torch.Tensor:
     with hook_path_only(monkeypatch):
         handle = apply_cache_schedule(pipe, config)
-        images = _run_embedded(pipe, steps)
+        images = _run_stacked(pipe, steps)
         handle.remove()
     return images
 
@@ -429,19 +441,19 @@ def test_the_gate_stack_computes_every_reused_blocks_gates_in_three_batched_prod
     handle = apply_cache_schedule(embedded_pipe, config)
     try:
         with counted_baddbmm(monkeypatch) as calls:
-            first = _run_embedded(embedded_pipe, 6)
+            first = _run_stacked(embedded_pipe, 6)
             first_calls = len(calls)
-            second = _run_embedded(embedded_pipe, 6)
+            second = _run_stacked(embedded_pipe, 6)
     finally:
         handle.remove()
     (shared,) = made
     assert len(shared.stack.members) == 6
-    (verdict,) = shared.stack._same.values()
+    (way,) = shared.stack._same.values()
     assert torch.equal(first, reference) and torch.equal(second, reference)
+    assert way == "distinct", "MKL's batched products should give the blocks' bits on 4, 8 or 16 rows"
     # first run: 3 products at each of the 5 reused steps (step 1's are then checked against the blocks'
-    # own); second run: the timestep MLP's outputs are kept per timestep value, 1 product a step. A BLAS
-    # whose batched products round differently leaves only step 1's three, then every block its own.
-    assert (first_calls, len(calls) - first_calls) == ((15, 5) if verdict else (3, 0))
+    # own); second run: the timestep MLP's outputs are kept per timestep value, 1 product a step
+    assert (first_calls, len(calls) - first_calls) == (15, 5)
     no_wrappers_left(embedded_pipe, info)
 
 
@@ -454,14 +466,14 @@ def test_the_gate_stack_gives_way_where_batched_products_round_differently(monke
     handle = apply_cache_schedule(embedded_pipe, config)
     try:
         with counted_baddbmm(monkeypatch, nudge=True) as calls:
-            images = [_run_embedded(embedded_pipe, 8) for _ in range(2)]
+            images = [_run_stacked(embedded_pipe, 8) for _ in range(2)]
     finally:
         handle.remove()
     (shared,) = made
     assert shared.stack._same and not any(shared.stack._same.values())
     assert all(torch.equal(x, reference) for x in images)
-    # the check's products only: one per group of blocks reused together (then never again)
-    assert len(calls) == 3 * len(shared.stack._same)
+    # the check's products only, both ways, for each group of blocks reused together (then never again)
+    assert len(calls) == 6 * len(shared.stack._same)
 
 
 def test_the_gate_stack_follows_weights_changed_between_runs(monkeypatch, embedded_pipe):
@@ -476,19 +488,18 @@ def test_the_gate_stack_follows_weights_changed_between_runs(monkeypatch, embedd
     kept = [w.detach().clone() for w in weights]
     handle = apply_cache_schedule(embedded_pipe, config)
     try:
-        before = _run_embedded(embedded_pipe, 6)
+        before = _run_stacked(embedded_pipe, 6)
         with torch.no_grad():
-            modulation.mul_(1.01)  # in place, as a LoRA fuse would
-            table[1].add_(0.1)
-        after = _run_embedded(embedded_pipe, 6)
+            modulation.mul_(1.01)  # in place, as a LoRA fuse would (a new version)
+        table.data[1].add_(0.1)  # through .data: neither storage nor version changes
+        after = _run_stacked(embedded_pipe, 6)
         # a run out of the stack (a hook on a timestep MLP), a weight change, the hook gone: restacked, and
         # no timestep-MLP output kept from the old copies
         hook = timestep_mlp.register_forward_hook(lambda *a: None)
-        hooked = _run_embedded(embedded_pipe, 6)
+        hooked = _run_stacked(embedded_pipe, 6)
         hook.remove()
-        with torch.no_grad():
-            timestep_mlp.weight.mul_(0.99)
-        last = _run_embedded(embedded_pipe, 6)
+        timestep_mlp.weight.data.mul_(0.99)
+        last = _run_stacked(embedded_pipe, 6)
         handle.remove()
         assert torch.equal(last, _hook_path_images(monkeypatch, embedded_pipe, config, 6))
         with torch.no_grad():
@@ -503,6 +514,34 @@ def test_the_gate_stack_follows_weights_changed_between_runs(monkeypatch, embedd
                 weight.copy_(value)
 
 
+def test_the_gate_stack_sees_a_weight_edited_through_data(monkeypatch, embedded_pipe):
+    """An edit through ``.data`` changes neither the weight's storage nor its version: the stacked copies
+    are compared with the weights' values at the start of every run."""
+    info = difftune.describe(embedded_pipe)
+    mask = np.ones(info.mask_shape(6), dtype=bool)
+    mask[1:] = False
+    config = CacheMaskConfig.from_array(info.components, mask)
+    bias = embedded_pipe.transformer.transformer_blocks[5].norm1.linear.bias
+    kept = bias.detach().clone()
+    made = _stack_of(monkeypatch)
+    handle = apply_cache_schedule(embedded_pipe, config)
+    try:
+        before = _run_stacked(embedded_pipe, 6)
+        (shared,) = made
+        (entry,) = shared.stack._weights.values()
+        version = bias._version
+        bias.data[2 * 128 : 3 * 128].add_(0.05)  # gate_msa's bias rows
+        assert bias._version == version
+        after = _run_stacked(embedded_pipe, 6)
+        assert next(iter(shared.stack._weights.values())) is not entry  # restacked
+        handle.remove()
+        assert torch.equal(after, _hook_path_images(monkeypatch, embedded_pipe, config, 6))
+        assert not torch.equal(after, before)
+    finally:
+        handle.remove()
+        bias.data.copy_(kept)
+
+
 def test_a_hook_on_a_blocks_modulation_keeps_that_step_out_of_the_stack(monkeypatch, embedded_pipe):
     """A torch hook registered on a block's modulation linear after the schedule was applied still fires at
     every step the block is reused (the stack would compute the product without entering the module)."""
@@ -512,13 +551,13 @@ def test_a_hook_on_a_blocks_modulation_keeps_that_step_out_of_the_stack(monkeypa
     config = CacheMaskConfig.from_array(info.components, mask)
     reference = _hook_path_images(monkeypatch, embedded_pipe, config, 6)
     handle = apply_cache_schedule(embedded_pipe, config)
-    _run_embedded(embedded_pipe, 6)  # the stack checked and in use
+    _run_stacked(embedded_pipe, 6)  # the stack checked and in use
     fired: list[int] = []
     hook = embedded_pipe.transformer.transformer_blocks[4].norm1.linear.register_forward_hook(
         lambda *a: fired.append(1)
     )
     try:
-        images = _run_embedded(embedded_pipe, 6)
+        images = _run_stacked(embedded_pipe, 6)
     finally:
         hook.remove()
         handle.remove()
