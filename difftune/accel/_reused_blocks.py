@@ -300,10 +300,11 @@ class BasicBlockFastPath(FastPath):
         timestep = arg(args, kwargs, "timestep")
         if block.norm_type == "ada_norm_zero":
             class_labels = arg(args, kwargs, "class_labels")
-            gates = self.shared.stack.gates(self, timestep, class_labels, hidden.dtype)
-            if gates is None:
-                gates = self.own_gates(timestep, class_labels, hidden.dtype)
-            gate_msa, gate_mlp = (g.unsqueeze(1) for g in gates)
+            stacked = self.shared.stack.gates(self, timestep, class_labels, hidden.dtype)
+            if stacked is None:
+                gate_msa, gate_mlp = (g.unsqueeze(1) for g in self.own_gates(timestep, class_labels, hidden.dtype))
+            else:
+                gate_msa, gate_mlp = stacked
         else:
             # Only the two gate rows of ``(table[None] + timestep.reshape(B, 6, -1)).chunk(6, dim=1)``:
             # an elementwise sum, so its picked rows are the same bits as the whole one's.
@@ -433,6 +434,8 @@ class JointBlockFastPath(FastPath):
 
 #: Stacked weight copies above this many bytes are not made (they are the price of the stacked products).
 _STACK_BYTES = 64 * 2**20
+#: The most the gates kept per (timestep, labels) may take before they are all dropped.
+_KEPT_BYTES = 64 * 2**20
 
 
 class _GateStack:
@@ -466,6 +469,11 @@ class _GateStack:
         # Each group's timestep-MLP output per timestep value, keyed by the group's stacked weights (a
         # restack after a weight change starts afresh).
         self._times: dict[tuple[Any, ...], torch.Tensor] = {}
+        # Each group's conditioning and gates per (timestep value, labels): a serving batch of the same
+        # labels, and every bench and calibration run, meets the same pairs at every call.
+        self._kept: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+        self._kept_bytes = 0
+        self._label_values: tuple[Any, ...] | None = None  # the last labels tensor and its values
         if shared.tracker is not None:
             shared.tracker.add_listener(self)
 
@@ -479,8 +487,8 @@ class _GateStack:
             self.members.append((fast, reused))
 
     def gates(self, fast: Any, timestep: Any, class_labels: Any, dtype: Any) -> Any:
-        """``fast``'s ``(gate_msa, gate_mlp)`` from the stacked computation of this step, or ``None`` (the
-        block then computes its own)."""
+        """``fast``'s ``(gate_msa, gate_mlp)`` from the stacked computation of this step, shaped as the block
+        uses them (``[batch, 1, D]``), or ``None`` (the block then computes its own)."""
         tracker = self.shared.tracker
         if (
             tracker is None
@@ -525,14 +533,14 @@ class _GateStack:
                 emb, gates = self._compute(group, weights, timestep, class_labels, dtype, candidate == "distinct")
                 if all(
                     torch.equal(conditioning[i], emb[i])
-                    and all(torch.equal(a, b) for a, b in zip(own[i], gates[i], strict=True))
+                    and all(torch.equal(a.unsqueeze(1), b) for a, b in zip(own[i], gates[i], strict=True))
                     for i in range(len(group))
                 ):
                     way = candidate
                     break
             self._same[key] = way
             for i, member in enumerate(group):
-                result[id(member)] = own[i]
+                result[id(member)] = tuple(g.unsqueeze(1) for g in own[i])
         else:
             emb, gates = self._compute(group, weights, timestep, class_labels, dtype, way == "distinct")
             for i, member in enumerate(group):
@@ -549,7 +557,7 @@ class _GateStack:
         self._checked.add(ids)
         if not all(_stackable(m) for m in group):  # hooked or replaced since the schedule was applied
             if self._weights.pop(ids, None) is not None:
-                self._times.clear()  # keyed by the dropped copies' id, which a later copy may get
+                self._forget()  # keyed by the dropped copies' id, which a later copy may get
             return None
         sources = []
         for member in group:
@@ -569,14 +577,14 @@ class _GateStack:
         stamp = tuple((t.data_ptr(), t._version) for row in sources for t in row)
         kept = self._weights.get(ids)
         width = sources[0][2].shape[0]  # the conditioning width D; the modulation linear has 6·D rows
-        # Reused while the copies hold the weights' values: compared in full once per run (~0.1 ms on the
-        # embedded model), as an edit through ``.data`` changes neither storage nor version.
-        if kept is not None and kept[0] == stamp and (kept[1] is None or _same_values(kept[2], sources, width)):
+        # Reused while the copies hold the weights' values: compared in full once per run (see _Values), as
+        # an edit through ``.data`` changes neither storage nor version.
+        if kept is not None and kept[0] == stamp and (kept[1] is None or kept[2].holds_values()):
             return kept[1]
         first = sources[0]
         uniform = (
             all(
-                a.shape == b.shape and a.dtype == b.dtype == dtype and a.device == b.device
+                a.shape == b.shape and a.dtype == b.dtype == dtype and a.device == b.device and a.is_contiguous()
                 for row in sources
                 for a, b in zip(row, first, strict=True)
             )
@@ -584,7 +592,7 @@ class _GateStack:
         )
         size = sum(t.numel() * t.element_size() for t in first[:5]) + first[5].numel() * first[5].element_size() // 3
         stacked: tuple[torch.Tensor, ...] | None = None
-        raw: tuple[torch.Tensor, ...] = ()
+        values: _Values | None = None
         if uniform and first[5].shape[0] == 6 * width and size * len(group) <= _STACK_BYTES:
             with torch.no_grad():
                 raw = (
@@ -601,9 +609,10 @@ class _GateStack:
                 raw[5].transpose(1, 2),
                 raw[6][:, None, :],
             )
-        if kept is not None:  # restacked: the old copies' timestep outputs go with them (keyed by their id)
-            self._times.clear()
-        self._weights[ids] = (stamp, stacked, raw)
+            values = _Values(sources, width)
+        if kept is not None:  # restacked: what was computed from the old copies goes (keyed by their id)
+            self._forget()
+        self._weights[ids] = (stamp, stacked, values)
         return stacked
 
     def _compute(
@@ -625,7 +634,12 @@ class _GateStack:
         hence multiples of 4; for a batch of such a size neither do the batch's own). :meth:`gates` checks
         both ways. The timestep MLP's output is a constant of the timestep's value (and of weights checked
         every run); a schedule's timesteps recur every call, so it is kept per value where the batch has
-        one timestep."""
+        one timestep, and the whole result per timestep value and labels."""
+        key = self._kept_key(weights, timestep, labels, dtype, distinct)
+        kept = None if key is None else self._kept.get(key)
+        # the kept tensors are handed out as they are: one modified in place since is computed again
+        if kept is not None and kept[0]._version == kept[1] and kept[2]._version == kept[3]:
+            return kept[4]
         tables, wg, bg = weights[4:]
         width = tables.shape[-1]
         rows = self._distinct(timestep, labels) if distinct else None
@@ -640,7 +654,38 @@ class _GateStack:
             emb_rows = step_mlp + tables.index_select(1, distinct_labels)
             gates = torch.baddbmm(bg, torch.nn.functional.silu(emb_rows), wg).index_select(1, index)
             emb = emb_rows.index_select(1, index)
-        return emb, [(g[:, :width], g[:, width:]) for g in gates]
+        result = emb, [(g[:, None, :width], g[:, None, width:]) for g in gates]  # as the blocks unsqueeze them
+        if key is not None:
+            size = (emb.numel() + gates.numel()) * emb.element_size()
+            if self._kept_bytes + size > _KEPT_BYTES:
+                self._kept.clear()
+                self._kept_bytes = 0
+            self._kept[key] = (emb, emb._version, gates, gates._version, result)
+            self._kept_bytes += size
+        return result
+
+    def _kept_key(
+        self,
+        weights: tuple[torch.Tensor, ...],
+        timestep: torch.Tensor,
+        labels: torch.Tensor,
+        dtype: Any,
+        distinct: bool,
+    ) -> tuple[Any, ...] | None:
+        """What the group's conditioning and gates are a function of, where the batch has one timestep:
+        the stacked copies (checked against the weights every run), the timestep's value and the labels'."""
+        if not len(timestep) or not torch.equal(timestep, timestep[:1].expand_as(timestep)):
+            return None
+        last = self._label_values
+        if last is None or last[0] is not labels or last[1] != labels._version:
+            last = self._label_values = (labels, labels._version, tuple(labels.tolist()))
+        return (id(weights), float(timestep[0]), timestep.dtype, last[2], labels.dtype, dtype, distinct)
+
+    def _forget(self) -> None:
+        """Drop everything computed from stacked copies: it is keyed by their id, which later copies may get."""
+        self._times.clear()
+        self._kept.clear()
+        self._kept_bytes = 0
 
     def _timestep_mlp(
         self, group: list[Any], weights: tuple[torch.Tensor, ...], times: torch.Tensor, dtype: Any, rows: int | None
@@ -680,18 +725,27 @@ class _GateStack:
         return (timestep[:1].expand(4), *kept[2])
 
 
-def _same_values(raw: tuple[torch.Tensor, ...], sources: Sequence[tuple[Any, ...]], width: int) -> bool:
-    """The stacked copies ``raw`` still hold every source weight's values, bit for bit."""
-    for i, (w1, b1, w2, b2, table, weight, bias) in enumerate(sources):
-        if not all(torch.equal(raw[k][i], t) for k, t in enumerate((w1, b1, w2, b2, table))):
-            return False
-        for k, full in ((5, weight), (6, bias)):
-            if not (
-                torch.equal(raw[k][i][:width], full[2 * width : 3 * width])
-                and torch.equal(raw[k][i][width:], full[5 * width :])
-            ):
-                return False
-    return True
+class _Values:
+    """The values the stacked copies are made of, kept to tell whether the weights still hold them: an edit
+    through ``.data`` (as peft's merge does) changes neither a weight's storage nor its version."""
+
+    def __init__(self, sources: Sequence[tuple[Any, ...]], width: int):
+        parts: list[torch.Tensor] = []
+        for w1, b1, w2, b2, table, weight, bias in sources:
+            parts += (w1, b1, w2, b2, table, weight[2 * width : 3 * width], weight[5 * width :])
+            parts += (bias[2 * width : 3 * width], bias[5 * width :])
+        # Flat views of the weights themselves (valid while their storage is: the caller checks it first).
+        self.parts = [part.detach().reshape(-1) for part in parts]
+        with torch.no_grad():
+            self.copy = torch.cat(self.parts)
+        self.scratch = torch.empty_like(self.copy)
+
+    def holds_values(self) -> bool:
+        """The weights hold the values the copies were made of, bit for bit: gathered into one buffer and
+        compared in one operation (~0.2 ms on the embedded model, once per run)."""
+        with torch.no_grad():
+            torch.cat(self.parts, out=self.scratch)
+        return torch.equal(self.scratch, self.copy)
 
 
 def _projection_key(time_proj: Any) -> tuple[Any, ...]:

@@ -110,9 +110,11 @@ class _ComponentCache:
     def __init__(self, tracker: StepTracker, rows: np.ndarray):
         self.tracker = tracker
         self.rows = rows  # bool, one per step
-        # Store an output only if some later step reuses it.
+        # Python lists, read at every call: whether a step reuses the output, and whether it stores its own
+        # (only if some later step reuses it).
+        self.reuse: list[bool] = np.logical_not(rows).tolist()
         reuse_later = np.logical_not(rows)[::-1].cumsum()[::-1]
-        self.keep = np.append(reuse_later[1:], 0) > 0
+        self.keep: list[bool] = (np.append(reuse_later[1:], 0) > 0).tolist()
         self.store: dict[int, tuple[int, Any]] = {}
         self.spare: dict[int, Any] = {}  # the last run's stored buffers, to be rewritten by this run's
 
@@ -122,26 +124,29 @@ class _ComponentCache:
 
     def lookup(self, batch: int) -> Any:
         """The output this step reuses for the current call at this batch size, or ``_MISS`` (recompute)."""
-        step = self.tracker.step
-        if 0 <= step < len(self.rows) and not self.rows[step]:
-            hit = self.store.get(self.tracker.call)
+        tracker = self.tracker
+        step = tracker.step
+        if 0 <= step < len(self.reuse) and self.reuse[step]:
+            hit = self.store.get(tracker.call)
             if hit is not None and hit[0] == batch:
                 return hit[1]
         return _MISS
 
     def __call__(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        batch = _batch_of(args, kwargs)
-        hit = self.lookup(batch)
-        if hit is not _MISS:
-            return hit
+        tracker = self.tracker
+        step = tracker.step
+        in_schedule = 0 <= step < len(self.reuse)
+        if in_schedule and self.reuse[step]:
+            hit = self.store.get(tracker.call)
+            if hit is not None and hit[0] == _batch_of(args, kwargs):
+                return hit[1]
         out = forward(*args, **kwargs)
-        step = self.tracker.step
-        if 0 <= step < len(self.rows) and self.keep[step]:
-            call = self.tracker.call
+        if in_schedule and self.keep[step]:
+            call = tracker.call
             previous = self.store.pop(call, None)
             spare = previous[1] if previous is not None else self.spare.pop(call, None)
             del previous  # `spare` is now the only reference outside _keep (see _OWN_REFERENCES)
-            self.store[call] = (batch, _keep(out, spare))
+            self.store[call] = (_batch_of(args, kwargs), _keep(out, spare))
             del spare
         return out
 
@@ -161,20 +166,24 @@ class _ReusedBlock:
         caches: dict[str, tuple[_ComponentCache, torch.nn.Module, Any]],
         reused: np.ndarray,
     ):
-        self.tracker, self.fast, self.reused = tracker, fast, reused
+        self.tracker, self.fast = tracker, fast
+        self.reused: list[bool] = reused.tolist()  # read at every call
         self.caches = tuple((child, *entry) for child, entry in caches.items())
 
     def __call__(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        step = self.tracker.step
+        tracker = self.tracker
+        step = tracker.step
         if 0 <= step < len(self.reused) and self.reused[step]:
             batch = self.fast.batch(args, kwargs)
+            call = tracker.call
             cached = {}
             for child, cache, module, installed in self.caches:
-                # A component re-wrapped since (another technique outside the cache) must be entered.
-                hit = cache.lookup(batch) if module.__dict__.get("forward") is installed else _MISS
-                if hit is _MISS:
+                # A component re-wrapped since (another technique outside the cache) must be entered; the
+                # cache reuses its output at this step, as ``reused`` says.
+                hit = cache.store.get(call) if module.__dict__.get("forward") is installed else None
+                if hit is None or hit[0] != batch:
                     break
-                cached[child] = hit
+                cached[child] = hit[1]
             else:
                 out = self.fast.run(cached, args, kwargs)
                 if out is not FALLBACK:

@@ -236,11 +236,10 @@ def test_component_flops_predict_the_counted_flops_of_a_schedule(monkeypatch, em
     assert flops.ideal_speedup(mask) == pytest.approx(full / counted)
 
     # A fully reused block computes only its gates. Where two or more blocks are fully reused at a step,
-    # the first computes every one's at once (the gate stack): the timestep MLP once per timestep value
-    # (kept from the first run: count the second), the modulation's two gate chunks on the distinct
-    # labels (4: three and the null label, a multiple of 4) for all of them in one batched product. A
-    # lone reused block, or a BLAS whose smaller products round differently, computes its own two gate
-    # chunks (where that gives the same bits). Both ways are checked on the first run.
+    # the first computes every one's at once (the gate stack) on the first run, and keeps them per
+    # timestep value and labels: the second run (counted) computes none of them. A lone reused block,
+    # or a BLAS whose smaller products round differently, computes its own two gate chunks (where that
+    # gives the same bits). Both ways are checked on the first run.
     shared = []
     monkeypatch.setattr(cache_module, "Shared", lambda *a: shared.append(Shared(*a)) or shared[-1])
     handle = apply_cache_schedule(embedded_pipe, config)
@@ -250,18 +249,13 @@ def test_component_flops_predict_the_counted_flops_of_a_schedule(monkeypatch, em
     (state,) = shared
     verdicts, ways = state._same_bits, list(state.stack._same.values())
     rows, width = 2 * len(labels), embedded_pipe.transformer.inner_dim  # doubled for guidance
-    timestep_mlp = rows * (256 * width + width * width) * 2  # kept per timestep value: none in the 2nd run
+    timestep_mlp = rows * (256 * width + width * width) * 2
     modulation = rows * 6 * width * width * 2
-    stack_gates = {"distinct": 8, "batch": rows}  # rows of the stacked gate product: 5 labels padded to 8
     gates_only = rows * 4 * width * width * 2 if all(verdicts.values()) else 0
     saved = 0
     for step in range(STEPS):
         group = int((~mask[step]).all(axis=1).sum())  # blocks fully reused at this step
-        if group >= 2 and ways and all(ways):
-            (way,) = set(ways)
-            saved += group * (timestep_mlp + modulation - stack_gates[way] * 2 * width * width * 2)
-        else:
-            saved += group * gates_only
+        saved += group * (timestep_mlp + modulation if group >= 2 and ways and all(ways) else gates_only)
     assert ways == ["distinct"], "no step reused two blocks, or the stack did not give the blocks' bits"
     assert fast == flops.schedule_flops(mask) - saved
 

@@ -7,7 +7,7 @@ of the run with ``torch.equal``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -408,53 +408,96 @@ def _stack_of(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return made
 
 
-def _run_stacked(pipe: Any, steps: int) -> Any:
+_STACKED_LABELS = (1, 4, 7, 1, 4, 7, 2, 2)
+
+
+def _run_stacked(pipe: Any, steps: int, labels: Sequence[int] = _STACKED_LABELS) -> Any:
     """16 rows (8 labels doubled for guidance), 5 distinct labels: the gate stack's distinct-row way runs
     on 8 of them. (With 6 rows, as in ``_run_embedded``, MKL's 6-row products sum in another order than
     any batched product, and the blocks keep their own gates.)"""
     return pipe(
-        class_labels=[1, 4, 7, 1, 4, 7, 2, 2],
+        class_labels=list(labels),
         num_inference_steps=steps,
         generator=torch.Generator().manual_seed(0),
         output_type="pt",
     ).images
 
 
-def _hook_path_images(monkeypatch: pytest.MonkeyPatch, pipe: Any, config: Any, steps: int) -> torch.Tensor:
+def _hook_path_images(
+    monkeypatch: pytest.MonkeyPatch, pipe: Any, config: Any, steps: int, labels: Sequence[int] = _STACKED_LABELS
+) -> torch.Tensor:
     with hook_path_only(monkeypatch):
         handle = apply_cache_schedule(pipe, config)
-        images = _run_stacked(pipe, steps)
+        images = _run_stacked(pipe, steps, labels)
         handle.remove()
     return images
 
 
 def test_the_gate_stack_computes_every_reused_blocks_gates_in_three_batched_products(monkeypatch, embedded_pipe):
     """At a step reusing all six blocks, the first computes every block's gates: the timestep MLP (two
-    products, then kept per timestep value) and the gate chunks (one product) for all blocks at once,
-    bit-identical to the blocks computing their own."""
+    products, then kept per timestep value) and the gate chunks (one product, then kept per timestep value
+    and labels) for all blocks at once, bit-identical to the blocks computing their own."""
     info = difftune.describe(embedded_pipe)
     mask = np.ones(info.mask_shape(6), dtype=bool)
     mask[1:] = False  # steps 1-5 reuse every block
     config = CacheMaskConfig.from_array(info.components, mask)
+    other_labels = (3, 3, 0, 9, 9, 0, 5, 5)
     reference = _hook_path_images(monkeypatch, embedded_pipe, config, 6)
+    other_reference = _hook_path_images(monkeypatch, embedded_pipe, config, 6, other_labels)
     made = _stack_of(monkeypatch)
     handle = apply_cache_schedule(embedded_pipe, config)
     try:
         with counted_baddbmm(monkeypatch) as calls:
             first = _run_stacked(embedded_pipe, 6)
-            first_calls = len(calls)
+            counts = [len(calls)]
             second = _run_stacked(embedded_pipe, 6)
+            counts.append(len(calls) - sum(counts))
+            other = _run_stacked(embedded_pipe, 6, other_labels)
+            counts.append(len(calls) - sum(counts))
+            again = _run_stacked(embedded_pipe, 6)
+            counts.append(len(calls) - sum(counts))
     finally:
         handle.remove()
     (shared,) = made
     assert len(shared.stack.members) == 6
     (way,) = shared.stack._same.values()
-    assert torch.equal(first, reference) and torch.equal(second, reference)
+    assert torch.equal(first, reference) and torch.equal(second, reference) and torch.equal(again, reference)
+    assert torch.equal(other, other_reference) and not torch.equal(other, reference)
     assert way == "distinct", "MKL's batched products should give the blocks' bits on 4, 8 or 16 rows"
     # first run: 3 products at each of the 5 reused steps (step 1's are then checked against the blocks'
-    # own); second run: the timestep MLP's outputs are kept per timestep value, 1 product a step
-    assert (first_calls, len(calls) - first_calls) == (15, 5)
+    # own); the same labels again: every step's gates kept; other labels: the timestep MLP's outputs are
+    # kept per timestep value, 1 product a step; the first labels once more: kept
+    assert counts == [15, 0, 5, 0]
     no_wrappers_left(embedded_pipe, info)
+
+
+def test_gates_kept_across_runs_are_computed_again_once_modified():
+    """A kept result modified in place (by code holding a gate) is not handed out again."""
+    from difftune.accel._reused_blocks import Shared
+
+    stack = Shared().stack
+    # the stacked copies' shapes for 2 blocks, width 4, 4 labels: only the table and gate weights are read
+    weights = (*(torch.randn(2, 4, 4) for _ in range(5)), torch.randn(2, 4, 8), torch.randn(2, 1, 8))
+    computed: list[int] = []
+    real = torch.baddbmm
+
+    def count(*args: Any, **kwargs: Any) -> torch.Tensor:
+        computed.append(1)
+        return real(*args, **kwargs)
+
+    stack._timestep_mlp = lambda group, w, times, dtype, rows: torch.zeros(2, len(times), 4)  # type: ignore[method-assign]
+    t, labels = torch.full((4,), 10.0), torch.tensor([0, 1, 2, 3])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "baddbmm", count)
+        emb, gates = stack._compute([None, None], weights, t, labels, torch.float32, False)
+        again = stack._compute([None, None], weights, t, labels.clone(), torch.float32, False)
+        assert again[0] is emb and len(computed) == 1  # same values, another tensor: kept
+        gates[1][0].mul_(2.0)
+        fresh = stack._compute([None, None], weights, t, labels, torch.float32, False)
+        assert fresh[0] is not emb and len(computed) == 2
+        assert torch.equal(fresh[1][1][0], gates[1][0] / 2.0)
+        stack._compute([None, None], weights, torch.full((4,), 9.0), labels, torch.float32, False)
+        assert len(computed) == 3  # another timestep value
 
 
 def test_the_gate_stack_gives_way_where_batched_products_round_differently(monkeypatch, embedded_pipe):
