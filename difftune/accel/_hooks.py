@@ -89,7 +89,8 @@ def wrap_forward(module: torch.nn.Module, wrapper: Callable[..., Any]) -> Handle
 
 def _tensor_key(tensor: torch.Tensor) -> tuple[int, ...]:
     """Identifies a tensor's contents without reading them: storage, offset, length and in-place version."""
-    return (int(tensor.untyped_storage().data_ptr()), int(tensor.storage_offset()), len(tensor), int(tensor._version))
+    storage = int(tensor.untyped_storage().data_ptr())
+    return (storage, int(tensor.storage_offset()), tensor.shape[0], int(tensor._version))
 
 
 def _timestep_value(value: Any) -> float:
@@ -118,6 +119,7 @@ class StepTracker:
         self._last_t: float | None = None
         self._fresh = True
         self._listeners: list[Any] = []
+        self._on_calls: list[Callable[[StepTracker], None]] = []  # the listeners' ``on_call``, where defined
         self._t_index, self._t_name = self._find_timestep_argument(denoiser)
         self._scheduler = scheduler
         self._mirror: list[float] = []
@@ -147,6 +149,9 @@ class StepTracker:
         """``listener.reset()`` runs at the start of every sampling run, and ``listener.on_call(tracker)``
         (where defined) before every denoiser call, once the step and call indices are updated."""
         self._listeners.append(listener)
+        on_call = getattr(listener, "on_call", None)
+        if on_call is not None:
+            self._on_calls.append(on_call)
 
     def start_run(self, num_steps: int | None = None) -> None:
         self.num_steps = num_steps
@@ -195,8 +200,18 @@ class StepTracker:
             self._mirror_key = key
         return float(self._mirror[index])
 
-    @torch.compiler.disable  # plain Python bookkeeping: traced, its dict would put a guard on every entry
     def _position(self, t: float) -> int | None:
+        # Plain Python bookkeeping: traced, its dict would put a guard on every entry. Outside compilation
+        # the disabling wrapper's own cost (a few µs a call) is skipped.
+        if torch.compiler.is_compiling():
+            return self._position_untraced(t)
+        return self._find_position(t)
+
+    @torch.compiler.disable
+    def _position_untraced(self, t: float) -> int | None:
+        return self._find_position(t)
+
+    def _find_position(self, t: float) -> int | None:
         """Where ``t`` stands in the scheduler's timesteps (``t`` or ``t``·1000, as Flux pipelines pass
         it), when they are strictly decreasing — so each value names one step; None otherwise."""
         timesteps = getattr(self._scheduler, "timesteps", None)
@@ -244,10 +259,8 @@ class StepTracker:
             self.step, self.call = 0, 0
             self._first_position = self._position(t)
         self._last_t = t
-        for listener in self._listeners:
-            on_call = getattr(listener, "on_call", None)
-            if on_call is not None:
-                on_call(self)
+        for on_call in self._on_calls:
+            on_call(self)
         return forward(*args, **kwargs)
 
     def remove(self) -> None:
