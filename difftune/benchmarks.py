@@ -181,9 +181,9 @@ def bench_runtime(repeats: int = 7, batch: int = 16, device: str = "cpu") -> lis
         f"embedded (batch {batch})", lambda: plain(steps), tuned_pipe, lambda: tuned(steps), steps, repeats, device
     )
     # The same masks where each step's block work outweighs its fixed cost: at batch 16 on a CPU, a step
-    # with every block reused still pays ~1 ms of patch embedding, output head, scheduler and loop
-    # against a full step's ~18 ms, which caps a 75 % mask below 0.9 of its FLOP-ideal speedup even if
-    # reused blocks cost nothing (see the README); four times the batch shows what the fast path realizes.
+    # with every block reused still pays ~0.5 ms of patch embedding, output head, scheduler and loop (and
+    # ~0.2 ms for the reused blocks' own elementwise passes) against a full step's ~10-12 ms; four times
+    # the batch shows the same masks where that fixed cost weighs a quarter as much.
     _, plain_big = _embedded(4 * batch, device)
     tuned_big_pipe, tuned_big = _embedded(4 * batch, device)
     figures += _mask_figures(

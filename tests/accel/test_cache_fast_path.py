@@ -585,6 +585,31 @@ def test_the_gate_stack_sees_a_weight_edited_through_data(monkeypatch, embedded_
         bias.data.copy_(kept)
 
 
+def test_a_non_contiguous_weight_keeps_the_blocks_out_of_the_stack(monkeypatch, embedded_pipe):
+    """The per-run value check reads the weights through flat views, which a non-contiguous weight has
+    not: such blocks compute their own gates."""
+    info = difftune.describe(embedded_pipe)
+    mask = np.ones(info.mask_shape(6), dtype=bool)
+    mask[1:] = False
+    config = CacheMaskConfig.from_array(info.components, mask)
+    linear = embedded_pipe.transformer.transformer_blocks[2].norm1.linear
+    kept = linear.weight
+    linear.weight = torch.nn.Parameter(kept.detach().t().contiguous().t())  # same values, transposed layout
+    try:
+        assert not linear.weight.is_contiguous() and torch.equal(linear.weight, kept)
+        reference = _hook_path_images(monkeypatch, embedded_pipe, config, 6)
+        made = _stack_of(monkeypatch)
+        handle = apply_cache_schedule(embedded_pipe, config)
+        with counted_baddbmm(monkeypatch) as calls:
+            images = _run_stacked(embedded_pipe, 6)
+        handle.remove()
+    finally:
+        linear.weight = kept
+    (shared,) = made
+    assert [stacked for _, stacked, _ in shared.stack._weights.values()] == [None]
+    assert not calls and torch.equal(images, reference)
+
+
 def test_a_hook_on_a_blocks_modulation_keeps_that_step_out_of_the_stack(monkeypatch, embedded_pipe):
     """A torch hook registered on a block's modulation linear after the schedule was applied still fires at
     every step the block is reused (the stack would compute the product without entering the module)."""
