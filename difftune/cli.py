@@ -202,7 +202,12 @@ def bench(
             "stacks vs the joint front, SADA tuned vs τ = 0 at 50 steps, the quant front; ~20 minutes)."
         ),
     ] = "runtime",
-    repeats: Annotated[int | None, typer.Option(min=3, help="Timed repeats per side (runtime: 7, front: 5).")] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option(
+            min=3, help="Timed repeats per side (runtime: 7, at least 15 for the mask figures at --batch; front: 5)."
+        ),
+    ] = None,
     batch: Annotated[
         int | None,
         typer.Option(min=1, help="runtime: images per pipeline call (16); the cache-mask figures also run at 4× it."),
