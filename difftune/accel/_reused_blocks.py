@@ -635,7 +635,8 @@ class _GateStack:
         both ways. The timestep MLP's output is a constant of the timestep's value (and of weights checked
         every run); a schedule's timesteps recur every call, so it is kept per value where the batch has
         one timestep, and the whole result per timestep value and labels."""
-        key = self._kept_key(weights, timestep, labels, dtype, distinct)
+        one = bool(len(timestep)) and torch.equal(timestep, timestep[:1].expand_as(timestep))
+        key = self._kept_key(weights, timestep, labels, dtype, distinct) if one else None
         kept = None if key is None else self._kept.get(key)
         # the kept tensors are handed out as they are: one modified in place since is computed again
         if kept is not None and kept[0]._version == kept[1] and kept[2]._version == kept[3]:
@@ -644,7 +645,6 @@ class _GateStack:
         width = tables.shape[-1]
         rows = self._distinct(timestep, labels) if distinct else None
         if rows is None:
-            one = torch.equal(timestep, timestep[:1].expand_as(timestep))
             step_mlp = self._timestep_mlp(group, weights, timestep, dtype, len(timestep) if one else None)
             emb = step_mlp + tables.index_select(1, labels)
             gates = torch.baddbmm(bg, torch.nn.functional.silu(emb), wg)
@@ -671,11 +671,9 @@ class _GateStack:
         labels: torch.Tensor,
         dtype: Any,
         distinct: bool,
-    ) -> tuple[Any, ...] | None:
-        """What the group's conditioning and gates are a function of, where the batch has one timestep:
-        the stacked copies (checked against the weights every run), the timestep's value and the labels'."""
-        if not len(timestep) or not torch.equal(timestep, timestep[:1].expand_as(timestep)):
-            return None
+    ) -> tuple[Any, ...]:
+        """What the group's conditioning and gates are a function of, for a batch with one timestep: the
+        stacked copies (checked against the weights every run), the timestep's value and the labels'."""
         last = self._label_values
         if last is None or last[0] is not labels or last[1] != labels._version:
             last = self._label_values = (labels, labels._version, tuple(labels.tolist()))

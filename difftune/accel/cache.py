@@ -109,9 +109,8 @@ class _ComponentCache:
 
     def __init__(self, tracker: StepTracker, rows: np.ndarray):
         self.tracker = tracker
-        self.rows = rows  # bool, one per step
-        # Python lists, read at every call: whether a step reuses the output, and whether it stores its own
-        # (only if some later step reuses it).
+        # ``rows``: True where the step recomputes. Python lists, read at every call: whether a step reuses
+        # the output, and whether it stores its own (only if some later step reuses it).
         self.reuse: list[bool] = np.logical_not(rows).tolist()
         reuse_later = np.logical_not(rows)[::-1].cumsum()[::-1]
         self.keep: list[bool] = (np.append(reuse_later[1:], 0) > 0).tolist()
@@ -122,24 +121,19 @@ class _ComponentCache:
         self.spare = {call: value for call, (_, value) in self.store.items()}
         self.store.clear()
 
-    def lookup(self, batch: int) -> Any:
-        """The output this step reuses for the current call at this batch size, or ``_MISS`` (recompute)."""
-        tracker = self.tracker
-        step = tracker.step
-        if 0 <= step < len(self.reuse) and self.reuse[step]:
-            hit = self.store.get(tracker.call)
-            if hit is not None and hit[0] == batch:
-                return hit[1]
-        return _MISS
+    def stored(self, call: int, batch: int) -> Any:
+        """The output stored for denoiser call ``call`` of the step at this batch size, or ``_MISS``."""
+        hit = self.store.get(call)
+        return hit[1] if hit is not None and hit[0] == batch else _MISS
 
     def __call__(self, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         tracker = self.tracker
         step = tracker.step
         in_schedule = 0 <= step < len(self.reuse)
         if in_schedule and self.reuse[step]:
-            hit = self.store.get(tracker.call)
-            if hit is not None and hit[0] == _batch_of(args, kwargs):
-                return hit[1]
+            hit = self.stored(tracker.call, _batch_of(args, kwargs))
+            if hit is not _MISS:
+                return hit
         out = forward(*args, **kwargs)
         if in_schedule and self.keep[step]:
             call = tracker.call
@@ -180,10 +174,10 @@ class _ReusedBlock:
             for child, cache, module, installed in self.caches:
                 # A component re-wrapped since (another technique outside the cache) must be entered; the
                 # cache reuses its output at this step, as ``reused`` says.
-                hit = cache.store.get(call) if module.__dict__.get("forward") is installed else None
-                if hit is None or hit[0] != batch:
+                hit = cache.stored(call, batch) if module.__dict__.get("forward") is installed else _MISS
+                if hit is _MISS:
                     break
-                cached[child] = hit[1]
+                cached[child] = hit
             else:
                 out = self.fast.run(cached, args, kwargs)
                 if out is not FALLBACK:
