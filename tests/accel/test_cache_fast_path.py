@@ -7,6 +7,7 @@ of the run with ``torch.equal``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -583,6 +584,87 @@ def test_the_gate_stack_sees_a_weight_edited_through_data(monkeypatch, embedded_
     finally:
         handle.remove()
         bias.data.copy_(kept)
+
+
+def test_the_value_check_compares_bits_not_values():
+    """The per-run check tells -0.0 from 0.0 (a gate product's zero can take either sign) and takes a NaN
+    weight as unchanged (a value comparison would restack such a model at every run)."""
+    from difftune.accel._reused_blocks import _Values
+
+    torch.manual_seed(0)
+    width = 4
+    row = [torch.randn(8, 16), torch.randn(8), torch.randn(4, 8), torch.randn(4), torch.randn(3, 4)]
+    row += [torch.randn(6 * width, 4), torch.randn(6 * width)]
+    row[1][0] = 0.0
+    row[0][0, 0] = float("nan")
+    values = _Values([tuple(row)], width)
+    assert values.holds_values()  # the NaN equals itself, bit for bit
+    row[1].data[0] = -0.0  # equal as a value, another bit pattern
+    assert not values.holds_values()
+    row[1].data[0] = 0.0
+    assert values.holds_values()
+    row[5].data[2 * width, 1] += 1.0  # a gate row of the modulation weight
+    assert not values.holds_values()
+
+
+def _hooked(path: str):
+    return lambda block: block.get_submodule(path).register_forward_hook(lambda *a: None)
+
+
+def _wrapped(path: str):
+    return lambda block: wrap_forward(block.get_submodule(path), lambda inner, *a, **k: inner(*a, **k))
+
+
+def _set(path: str, name: str, value: Any):
+    return lambda block: setattr(block.get_submodule(path), name, value)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        *(
+            _hooked(path)
+            for path in (
+                "norm1",
+                "norm1.emb",
+                "norm1.emb.time_proj",
+                "norm1.emb.timestep_embedder",
+                "norm1.emb.timestep_embedder.linear_1",
+                "norm1.emb.timestep_embedder.act",
+                "norm1.emb.timestep_embedder.linear_2",
+                "norm1.emb.class_embedder",
+                "norm1.emb.class_embedder.embedding_table",
+                "norm1.linear",
+                "norm1.silu",
+            )
+        ),
+        _wrapped("norm1.emb"),
+        _wrapped("norm1.emb.time_proj"),
+        _wrapped("norm1.emb.timestep_embedder.linear_1"),
+        _wrapped("norm1.emb.class_embedder.embedding_table"),
+        _wrapped("norm1.silu"),
+        _set("norm1.emb.timestep_embedder", "cond_proj", torch.nn.Linear(4, 4)),
+        _set("norm1.emb.timestep_embedder", "post_act", torch.nn.SiLU()),
+        _set("norm1.emb.timestep_embedder", "act", torch.nn.GELU()),
+        _set("norm1.emb.timestep_embedder.linear_2", "bias", None),
+        _set("norm1", "emb", torch.nn.Identity()),
+        lambda block: block.norm1.emb.class_embedder.train(),  # label dropout (0.1 in DiT) while training
+    ],
+)
+def test_the_stack_takes_only_diffusers_own_unhooked_conditioning(embedded_pipe, change):
+    """Every change the per-run check looks for keeps the block out of the stack: a hook or a foreign
+    wrapper on any module it would compute without entering, a conditioning projection or post-activation,
+    another activation, a missing bias, another embedding, label dropout in training."""
+    from difftune.accel._reused_blocks import BasicBlockFastPath, Shared, _sources
+
+    block = copy.deepcopy(embedded_pipe.transformer.transformer_blocks[0])
+    block.norm1.emb.class_embedder.dropout_prob = 0.1
+    fast = BasicBlockFastPath(block, Shared())
+    fast.install()  # the fast path's own memo on the embedding is allowed
+    before = _sources(fast)
+    assert before is not None and before[0] is block.norm1.emb.timestep_embedder.linear_1.weight
+    change(block)
+    assert _sources(fast) is None
 
 
 def test_a_non_contiguous_weight_keeps_the_blocks_out_of_the_stack(monkeypatch, embedded_pipe):
