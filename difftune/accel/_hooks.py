@@ -88,14 +88,17 @@ def wrap_forward(module: torch.nn.Module, wrapper: Callable[..., Any]) -> Handle
 
 
 def _tensor_key(tensor: torch.Tensor) -> tuple[int, ...]:
-    """Identifies a tensor's contents without reading them: storage, offset, length and in-place version."""
-    storage = int(tensor.untyped_storage().data_ptr())
-    return (storage, int(tensor.storage_offset()), tensor.shape[0], int(tensor._version))
+    """Identifies a tensor's contents without reading them: the object (whoever keeps the key holds it too,
+    so that its ``id`` is not reused), where its data starts, its length and its in-place version. A new
+    tensor allocated where a freed one was gets another key."""
+    return (id(tensor), tensor.data_ptr(), tensor.shape[0], tensor._version)
 
 
 def _timestep_value(value: Any) -> float:
     if isinstance(value, torch.Tensor):
-        return float(value.reshape(-1)[0].item()) if value.numel() else math.nan
+        if not value.numel():
+            return math.nan
+        return float((value if value.dim() == 1 else value.reshape(-1))[0].item())
     return float(value)
 
 
@@ -124,6 +127,7 @@ class StepTracker:
         self._scheduler = scheduler
         self._mirror: list[float] = []
         self._mirror_key: tuple[int, ...] | None = None
+        self._keyed: dict[str, torch.Tensor] = {}  # the tensors the keys above name, held so their ids stay theirs
         self._positions: dict[float, int] = {}
         self._positions_key: tuple[int, ...] | None = None
         self._first_position: int | None = None
@@ -177,7 +181,7 @@ class StepTracker:
         once per run, by the view's offset — reading it from the GPU would stall the launch queue at every
         denoiser call. Anything else (a scaled copy, a float) is read directly.
         """
-        if isinstance(value, torch.Tensor) and value.device.type != "cpu" and value.numel():
+        if isinstance(value, torch.Tensor) and not value.is_cpu and value.numel():
             mirror = self._timesteps_mirror(value)
             if mirror is not None:
                 return mirror
@@ -198,6 +202,7 @@ class StepTracker:
         if self._mirror_key != key:
             self._mirror = timesteps.detach().cpu().tolist()  # one synchronisation per run
             self._mirror_key = key
+            self._keyed["mirror"] = timesteps
         return float(self._mirror[index])
 
     def _position(self, t: float) -> int | None:
@@ -225,6 +230,7 @@ class StepTracker:
             decreasing = all(a > b for a, b in itertools.pairwise(values))
             self._positions = {v: i for i, v in enumerate(values)} if decreasing else {}
             self._positions_key = key
+            self._keyed["positions"] = timesteps
         found = self._positions.get(t)
         if found is None and self._positions:
             found = self._positions.get(float(torch.tensor(t * 1000.0, dtype=timesteps.dtype)))

@@ -622,7 +622,10 @@ class _GateStack:
         both ways. The timestep MLP's output is a constant of the timestep's value (and of weights checked
         every run); a schedule's timesteps recur every call, so it is kept per value where the batch has
         one timestep, and the whole result per timestep value and labels."""
-        one = bool(len(timestep)) and torch.equal(timestep, timestep[:1].expand_as(timestep))
+        # ``t.expand(batch)``, as pipelines pass it, holds one value by its stride alone
+        one = bool(len(timestep)) and (
+            timestep.stride(0) == 0 or torch.equal(timestep, timestep[:1].expand_as(timestep))
+        )
         key = self._kept_key(weights, timestep, labels, dtype, distinct) if one else None
         kept = None if key is None else self._kept.get(key)
         # the kept tensors are handed out as they are: one modified in place since is computed again

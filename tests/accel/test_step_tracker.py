@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -103,3 +104,34 @@ def test_repeated_or_unknown_timesteps_fall_back_to_counting_steps():
     assert _steps_seen(None, [999.0, 500.0, 1.0]) == [0, 1, 2]  # no scheduler at all
     # a run that did not begin with set_timesteps (a denoiser called directly): the timesteps may not be its own
     assert _steps_seen(plain, [999.0, 1.0], set_timesteps=False) == [0, 1]
+
+
+class _Scheduler:
+    """Makes a new timesteps tensor at every ``set_timesteps`` over the same memory (``torch.from_numpy`` of
+    a reused array): a new tensor at the old one's address, at version 0, of the same length."""
+
+    def __init__(self) -> None:
+        self.timesteps: torch.Tensor | None = None
+        self._values = np.zeros(5, dtype=np.float32)
+
+    def set_timesteps(self, values: list[float]) -> None:
+        self._values[:] = values
+        self.timesteps = torch.from_numpy(self._values)
+
+
+def test_new_timesteps_of_the_same_length_are_read_afresh():
+    """A run's timesteps are looked up by value: a new tensor of the same length (another spacing, custom
+    timesteps) must not be taken for the last run's, even where it lands at the same address."""
+    scheduler = _Scheduler()
+    tracker = StepTracker(Denoiser(), scheduler)
+    seen: list[int] = []
+    tracker.add_listener(SimpleNamespace(reset=lambda: None, on_call=lambda tr: seen.append(tr.step)))
+    x = torch.zeros(2)
+    runs = ([999.0, 750.0, 500.0, 250.0, 1.0], [999.0, 800.0, 600.0, 400.0, 1.0], [990.0, 700.0, 450.0, 200.0, 5.0])
+    for values in runs * 3:
+        scheduler.set_timesteps(values)
+        seen.clear()
+        for i in (0, 1, 3, 4):  # step 2 skipped without a call, as SADA does
+            tracker.denoiser(x, torch.tensor(values[i]).expand(2))
+        assert seen == [0, 1, 3, 4], values
+    tracker.remove()
