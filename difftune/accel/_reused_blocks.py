@@ -192,8 +192,9 @@ class FastPath:
         """The children (attribute names) whose cached outputs the block's output is made of."""
         raise NotImplementedError
 
-    def install(self) -> list[Handle]:
-        """Wrappers the fast path puts on the block's submodules besides the block (undone with it)."""
+    def install(self, first: bool = True) -> list[Handle]:
+        """Wrappers the fast path puts on the block's submodules besides the block (undone with it);
+        ``first``: the block is the model's first."""
         return []
 
     def batch(self, args: tuple, kwargs: dict) -> int:
@@ -277,8 +278,10 @@ class BasicBlockFastPath(FastPath):
         grad = torch.is_grad_enabled()
         self._memo = (timestep, _version(timestep), class_labels, _version(class_labels), dtype, grad, out)
 
-    def install(self) -> list[Handle]:
-        if not self.unrolled:
+    def install(self, first: bool = True) -> list[Handle]:
+        # Only the first block's embedding is called again (by DiT's output head): elsewhere the wrapper would
+        # be a layer of Python around every computed step's embedding, for a memo nobody reads.
+        if not self.unrolled or not first:
             return []
 
         def remembered(inner: Callable[..., Any], timestep: Any, class_labels: Any, hidden_dtype: Any = None) -> Any:

@@ -220,7 +220,7 @@ def _install(
         if fast is not None:
             handle.add(wrap_forward(module, _ReusedBlock(tracker, fast, caches, reused)))
             shared.stack.enlist(fast, reused)
-            for extra in fast.install():
+            for extra in fast.install(first=b == 0):
                 handle.add(extra)
 
 

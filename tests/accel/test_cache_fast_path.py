@@ -348,6 +348,9 @@ def test_the_output_heads_conditioning_comes_from_the_first_blocks_reused_step(m
         mask[1:] = False
         calls.clear()
         handle = apply_cache_schedule(embedded_pipe, CacheMaskConfig.from_array(info.components, mask))
+        # the memo sits on the embedding the head calls again, block 0's, and nowhere else
+        blocks = embedded_pipe.transformer.transformer_blocks
+        assert ["forward" in block.norm1.emb.__dict__ for block in blocks] == [True] + [False] * (len(blocks) - 1)
         fast = _run_embedded(embedded_pipe, 6)
         fast_calls = len(calls)
         handle.remove()
