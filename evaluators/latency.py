@@ -98,6 +98,13 @@ class ABResult:
         """How many times faster b is than a (medians)."""
         return self.a.median_ms / self.b.median_ms
 
+    def ratio_by(self, statistic: str) -> float:
+        """b's latency ÷ a's: by ``"median"`` or ``"min"`` of each side's repeats, or ``"paired"``: the median
+        of the back-to-back runs' ratios (see :meth:`speedup_by`)."""
+        if statistic == "paired" and self.a_ms and len(self.a_ms) == len(self.b_ms):
+            return statistics.median(b / a for a, b in zip(self.a_ms, self.b_ms, strict=True))
+        return self.b.statistic(statistic) / self.a.statistic(statistic)
+
     def speedup_spread(self, statistic: str) -> float:
         """The timing noise of :meth:`speedup_by`, in × (the same unit as the speedup).
 

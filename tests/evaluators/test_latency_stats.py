@@ -122,6 +122,20 @@ def test_paired_speedup_is_the_median_ratio_of_back_to_back_runs(monkeypatch: py
     assert ABResult(ab.a, ab.b).speedup_by("paired") == pytest.approx(ab.a.min_ms / ab.b.min_ms)
 
 
+def test_paired_ratio_is_the_median_of_b_over_a_per_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    # load rises through the run (a, b | b, a | …): every back-to-back ratio is 1.02
+    durations = [100.0, 102.0, 153.0, 150.0, 200.0, 204.0, 255.0, 250.0, 300.0, 306.0]
+    _fake_timer(monkeypatch, durations)
+    ab = measure_ab(Counter(), Counter(), warmup=0, repeats=5)
+    assert ab.ratio_by("paired") == pytest.approx(1.02)
+    assert ab.ratio_by("median") == pytest.approx(204.0 / 200.0)
+    assert ab.ratio_by("min") == pytest.approx(102.0 / 100.0)
+    durations = [100.0, 150.0, 100.0, 100.0, 100.0, 100.0]  # a spike on b's side of the first pair
+    _fake_timer(monkeypatch, durations)
+    ab = measure_ab(Counter(), Counter(), warmup=0, repeats=3)
+    assert ab.ratio_by("paired") == pytest.approx(1.0)
+
+
 # -- LatencyOptions --------------------------------------------------------------------------------
 
 
