@@ -67,14 +67,14 @@ def _keep(out: Any, previous: Any) -> Any:
     nothing else holds it (a reference or a view taken by other code): else a new one is made. On a GPU
     the caching allocator has no such cost, and the output is kept as it is."""
     if isinstance(out, torch.Tensor):
-        if out.device.type != "cpu" or out.requires_grad:
+        if not out.is_cpu or out.requires_grad:
             return out
         if (
             isinstance(previous, torch.Tensor)
             and previous.shape == out.shape
             and previous.dtype == out.dtype
             and previous.stride() == out.stride()
-            and previous.device == out.device
+            and previous.is_cpu
             and _unshared(previous)
         ):
             return previous.copy_(out)
