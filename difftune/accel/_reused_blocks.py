@@ -461,6 +461,7 @@ class _GateStack:
     def __init__(self, shared: Shared):
         self.shared = shared
         self.members: list[tuple[Any, Any]] = []  # (fast path, steps where its block is fully reused)
+        self._groups: dict[int, tuple[list[Any], tuple[int, ...]]] = {}  # per step: its members and their ids
         # per group: (source storages and versions, the stacked views the products use, the stacked copies)
         self._weights: dict[tuple[int, ...], tuple[Any, ...]] = {}
         self._same: dict[tuple[Any, ...], str | bool] = {}
@@ -488,6 +489,7 @@ class _GateStack:
         """Let ``fast`` take part where it is a DiT-style block with diffusers' own embedding modules."""
         if isinstance(fast, BasicBlockFastPath) and fast.block.norm_type == "ada_norm_zero" and _stackable(fast):
             self.members.append((fast, reused))
+            self._groups.clear()
 
     def gates(self, fast: Any, timestep: Any, class_labels: Any, dtype: Any) -> Any:
         """``fast``'s ``(gate_msa, gate_mlp)`` from the stacked computation of this step, shaped as the block
@@ -520,12 +522,16 @@ class _GateStack:
             return None
         result: dict[int, Any] = {}
         self._memo = (step, call, timestep, timestep._version, class_labels, class_labels._version, dtype, result)
-        group = [m for m, reused in self.members if 0 <= step < len(reused) and reused[step]]
-        if len(group) < 2 or not any(m is fast for m in group):
+        found = self._groups.get(step)
+        if found is None:
+            members = [m for m, reused in self.members if 0 <= step < len(reused) and reused[step]]
+            found = self._groups[step] = (members, tuple(id(m) for m in members))
+        group, ids = found
+        if len(group) < 2 or id(fast) not in ids:
             return None
-        key = (tuple(id(m) for m in group), tuple(timestep.shape), tuple(class_labels.shape), dtype)
+        key = (ids, tuple(timestep.shape), tuple(class_labels.shape), dtype)
         way = self._same.get(key)  # None: not checked yet; "distinct" or "batch": the way that agreed
-        weights = None if way is False else self._stacked(group, dtype)
+        weights = None if way is False else self._stacked(group, dtype, ids)
         if weights is None:
             return None
         if way is None:
@@ -552,10 +558,10 @@ class _GateStack:
                 result[id(member)] = gates[i]
         return result.get(id(fast))
 
-    def _stacked(self, group: list[Any], dtype: Any) -> tuple[torch.Tensor, ...] | None:
+    def _stacked(self, group: list[Any], dtype: Any, ids: tuple[int, ...]) -> tuple[torch.Tensor, ...] | None:
         """The group's weights stacked over blocks (kept while every source tensor is unmodified), or
-        ``None`` when they differ in shape, dtype or device, or would take more than 64 MiB."""
-        ids = tuple(id(m) for m in group)
+        ``None`` when they differ in shape, dtype or device, or would take more than 64 MiB. ``ids``: the
+        group's fast paths' ids."""
         if ids in self._checked:
             return self._weights.get(ids, (None, None))[1]
         self._checked.add(ids)
