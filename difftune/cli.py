@@ -937,9 +937,9 @@ def export(
             table.add_row(name, "" if held is None else f"{held:.4g}", "" if cal is None else f"{cal:.4g}")
         console.print(table)
         seeds = result.held_out_seeds
+        span = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds, {seeds[0]}–{seeds[-1]}"
         console.print(
-            f"held-out: {result.profile.provenance.get('held_out_samples')} samples, seeds {seeds[0]}–{seeds[-1]} "
-            "(never seen by the search)",
+            f"held-out: {result.profile.provenance.get('held_out_samples')} samples ({span}; never seen by the search)",
             highlight=False,
         )
         moved = result.profile.provenance.get("transferred")

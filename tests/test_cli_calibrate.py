@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,8 +61,14 @@ def test_calibrate_fronts_export_apply(calibrated, tmp_path, embedded_pipe, caps
 
     path = tmp_path / "out" / "profile.json"
     main(["export", "--study", "tiny", "--select", "best psnr", "--storage", url, "--out", str(path)])
-    assert "wrote" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines where the terminal width says
+    assert "wrote" in out
     profile = difftune.load_profile(path)
+    # the held-out line counts samples and names the seeds they used (one seed, or how many and their range)
+    first, last = profile.provenance["held_out_seeds"]
+    span = f"seed {first}" if first == last else rf"\d+ seeds, {first}–{last}"
+    count = profile.provenance["held_out_samples"]
+    assert re.search(rf"held-out: {count} samples \({span}; never seen by the search\)", out), out
     assert profile.provenance["study"] == "tiny" and profile.metrics["psnr"]["unit"] == "dB"
     assert profile.context.num_inference_steps == 6
 
