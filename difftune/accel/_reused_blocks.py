@@ -40,9 +40,16 @@ def register_fast_path(qualified_name: str) -> Callable[[type[FastPath]], type[F
     return decorate
 
 
+_QUALIFIED: dict[type, str] = {}
+
+
 def _qualified(module: Any) -> str:
+    """``module``'s class as ``module.QualName`` (memoised per class: the stack's checks run every run)."""
     cls = type(module)
-    return f"{cls.__module__}.{cls.__qualname__}"
+    name = _QUALIFIED.get(cls)
+    if name is None:
+        name = _QUALIFIED[cls] = f"{cls.__module__}.{cls.__qualname__}"
+    return name
 
 
 _ADA_ZERO = "diffusers.models.normalization.AdaLayerNormZero"
@@ -120,7 +127,7 @@ class Shared:
         """``time_proj(timestep)``, computed once for all blocks of a call: the sinusoidal projection is
         parameter-free and deterministic, so every block would compute these same bits (DiT gives
         each block its own copy of it, the priciest part of a reused block's gates after the linears)."""
-        key = (time_proj.num_channels, time_proj.flip_sin_to_cos, time_proj.downscale_freq_shift, time_proj.scale)
+        key = _projection_key(time_proj)
         last = self._projection
         # The model hands every block the same timestep tensor; holding it keeps its identity unique.
         if last is not None and last[0] == key and last[1] is timestep and last[2] == timestep._version:
@@ -775,18 +782,6 @@ def _hookless(*modules: Any) -> bool:
     )
 
 
-_QUALIFIED: dict[type, str] = {}
-
-
-def _kind(module: Any) -> str:
-    """``module``'s class as ``module.QualName`` (memoised per class: this runs at every sampling run)."""
-    cls = type(module)
-    name = _QUALIFIED.get(cls)
-    if name is None:
-        name = _QUALIFIED[cls] = f"{cls.__module__}.{cls.__qualname__}"
-    return name
-
-
 _EMBEDDINGS = "diffusers.models.embeddings."
 
 
@@ -799,7 +794,7 @@ def _sources(fast: Any) -> tuple[torch.Tensor, ...] | None:
     lookups cost a few µs a block)."""
     norm1 = fast.block._modules.get("norm1")
     emb = None if norm1 is None else norm1._modules.get("emb")
-    if emb is None or _kind(emb) != _EMBEDDINGS + "CombinedTimestepLabelEmbeddings":
+    if emb is None or _qualified(emb) != _EMBEDDINGS + "CombinedTimestepLabelEmbeddings":
         return None
     if emb.__dict__.get("forward") not in (None, fast.emb_forward):
         return None
@@ -809,9 +804,9 @@ def _sources(fast: Any) -> tuple[torch.Tensor, ...] | None:
         time_proj is None
         or mlp is None
         or labels is None
-        or _kind(time_proj) != _EMBEDDINGS + "Timesteps"
-        or _kind(mlp) != _EMBEDDINGS + "TimestepEmbedding"
-        or _kind(labels) != _EMBEDDINGS + "LabelEmbedding"
+        or _qualified(time_proj) != _EMBEDDINGS + "Timesteps"
+        or _qualified(mlp) != _EMBEDDINGS + "TimestepEmbedding"
+        or _qualified(labels) != _EMBEDDINGS + "LabelEmbedding"
     ):
         return None
     linear_1, act, linear_2 = mlp._modules.get("linear_1"), mlp._modules.get("act"), mlp._modules.get("linear_2")
@@ -827,11 +822,9 @@ def _sources(fast: Any) -> tuple[torch.Tensor, ...] | None:
         or (labels.training and labels.dropout_prob > 0)
     ):
         return None
-    for module in (norm1, emb, time_proj, mlp, linear_1, act, linear_2, labels, table, linear, silu):
-        if module._forward_hooks or module._forward_pre_hooks or getattr(module, "_forward_hooks_with_kwargs", None):
-            return None
-        if module is not emb and "forward" in module.__dict__:
-            return None
+    modules = (norm1, emb, time_proj, mlp, linear_1, act, linear_2, labels, table, linear, silu)
+    if not _hookless(*modules) or any(m is not emb and "forward" in m.__dict__ for m in modules):
+        return None
     out: list[Any] = []
     for module, names in ((linear_1, ("weight", "bias")), (linear_2, ("weight", "bias")), (table, ("weight",))):
         out += (module._parameters.get(name) for name in names)
